@@ -1,0 +1,1 @@
+"""A folder per op: api (validation + dispatch), reference, kernels, config, specs, tuned tables."""

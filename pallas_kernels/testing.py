@@ -1,0 +1,76 @@
+"""Shared test helpers: float64 references, one tolerance table, random inputs, error norms.
+
+Every kernel test compares ‖out − ref‖ / ‖ref‖ against a float64 evaluation of
+the plain-JAX reference on the same (already rounded) inputs. NaN never passes.
+Interpret mode fills outputs with NaN before the kernel runs (ints with the
+dtype's minimum), so an element the kernel forgot to write fails the check;
+`tests/pallas_kernels/test_poison.py` proves that premise.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+# Relative Frobenius-norm error allowed per output dtype, before scaling by reduction length.
+BASE_TOLERANCE = {
+    jnp.dtype(jnp.float32): 1e-5,
+    jnp.dtype(jnp.bfloat16): 1e-2,
+    jnp.dtype(jnp.float16): 1e-2,
+}
+
+
+def tolerance(dtype, reduction_len: int = 1) -> float:
+  """Allowed relative error; fp32 accumulation error grows like sqrt(reduction length)."""
+  base = BASE_TOLERANCE[jnp.dtype(dtype)]
+  if jnp.dtype(dtype) == jnp.float32:
+    return base * max(1.0, math.sqrt(reduction_len / 1024))
+  return base
+
+
+def relative_error(out, ref) -> float:
+  """‖out − ref‖ / ‖ref‖ in float64; NaN or inf anywhere gives inf."""
+  out = np.asarray(jnp.asarray(out, jnp.float32), dtype=np.float64)
+  ref = np.asarray(ref, dtype=np.float64)
+  if out.shape != ref.shape:
+    raise AssertionError(f"shape mismatch: out {out.shape} vs ref {ref.shape}")
+  if not np.all(np.isfinite(out)):
+    return math.inf
+  denom = np.linalg.norm(ref)
+  if denom == 0:
+    return float(np.linalg.norm(out))
+  return float(np.linalg.norm(out - ref) / denom)
+
+
+def assert_close(out, ref, dtype, reduction_len: int = 1, what: str = "output") -> None:
+  err = relative_error(out, ref)
+  tol = tolerance(dtype, reduction_len)
+  if not err <= tol:
+    n_nan = int(np.sum(~np.isfinite(np.asarray(jnp.asarray(out, jnp.float32)))))
+    raise AssertionError(f"{what}: relative error {err:.3e} > tolerance {tol:.1e} "
+                         f"(dtype {jnp.dtype(dtype).name}, non-finite elements: {n_nan})")
+
+
+def float64_reference(fn, *args, **kwargs):
+  """Evaluate `fn` with every floating array argument promoted to float64."""
+  def promote(x):
+    if isinstance(x, (jax.Array, np.ndarray)) and jnp.issubdtype(x.dtype, jnp.floating):
+      return np.asarray(jnp.asarray(x, jnp.float32), dtype=np.float64)
+    return x
+  with jax.enable_x64(True):
+    args = jax.tree.map(promote, args)
+    kwargs = jax.tree.map(promote, kwargs)
+    out = fn(*args, **kwargs)
+    return jax.tree.map(lambda y: np.asarray(y, dtype=np.float64), out)
+
+
+def random_normal(key, shape, dtype, scale: float = 1.0):
+  """Fresh standard-normal data (never zeros), rounded to `dtype`."""
+  return (scale * jax.random.normal(key, shape, jnp.float32)).astype(dtype)
+
+
+def keys(seed: int, n: int):
+  return list(jax.random.split(jax.random.key(seed), n))

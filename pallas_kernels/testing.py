@@ -68,8 +68,13 @@ def float64_reference(fn, *args, **kwargs):
 
 
 def random_normal(key, shape, dtype, scale: float = 1.0):
-  """Fresh standard-normal data (never zeros), rounded to `dtype`."""
-  return (scale * jax.random.normal(key, shape, jnp.float32)).astype(dtype)
+  """Fresh standard-normal data (never zeros), rounded to `dtype`.
+
+  Drawn with numpy from the key's bits: `jax.random` compiles once per new shape (about a
+  second of CPU each), which dominated small interpret-mode tests.
+  """
+  rng = np.random.default_rng(np.asarray(jax.random.key_data(key)).ravel())
+  return jnp.asarray((scale * rng.standard_normal(shape)).astype(np.float32)).astype(dtype)
 
 
 def keys(seed: int, n: int):

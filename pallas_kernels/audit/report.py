@@ -1,0 +1,169 @@
+"""Audit rows: occupancy estimate, the thresholds that fail the audit, the table and JSON."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+from pallas_kernels.audit.compile import Resources
+from pallas_kernels.audit.targets import TARGETS, GpuTarget
+
+
+@dataclasses.dataclass(frozen=True)
+class Occupancy:
+  blocks_per_sm: int
+  warps_per_sm: int
+  percent: float              # of the SM's maximum resident warps
+  limiter: str                # what caps it: "regs", "smem", "warps" or "blocks" (per SM)
+
+
+def _round_up(value: int, unit: int) -> int:
+  return -(-value // unit) * unit
+
+
+def occupancy(target: GpuTarget, num_warps: int, registers: int, shared_bytes: int) -> Occupancy:
+  """Resident blocks per SM, as the CUDA occupancy calculator counts them."""
+  regs_per_warp = _round_up(max(registers, 1) * 32, target.register_alloc_unit)
+  limits = {
+      "warps": target.max_warps_per_sm // num_warps,
+      "blocks": target.max_blocks_per_sm,
+      "regs": (target.registers_per_sm // regs_per_warp) // num_warps,
+  }
+  if shared_bytes:
+    per_block = _round_up(shared_bytes + target.reserved_shared_per_block, target.shared_alloc_unit)
+    limits["smem"] = target.shared_per_sm // per_block
+  limiter = min(limits, key=limits.get)
+  blocks = limits[limiter]
+  warps = blocks * num_warps
+  return Occupancy(blocks, warps, 100.0 * warps / target.max_warps_per_sm, limiter)
+
+
+@dataclasses.dataclass
+class Row:
+  """One kernel of one case on one target."""
+
+  op: str
+  case: str
+  kernel: str
+  target: str                     # "sm80", "sm90"
+  num_warps: int | None = None
+  num_stages: int | None = None
+  grid: tuple[int, ...] | None = None
+  num_dots: int = 0
+  resources: Resources | None = None
+  occupancy: Occupancy | None = None
+  error: str | None = None        # failed to lower or compile
+  problems: list[str] = dataclasses.field(default_factory=list)
+
+  @property
+  def tensor_cores(self) -> str:
+    """'yes (wgmma)', 'yes (mma)', 'no', or 'n.a.' (no tt.dot, or nothing compiled)."""
+    r = self.resources
+    if r is None or not self.num_dots:
+      return "n.a."
+    if r.wgmma:
+      return "yes (wgmma)"
+    return "yes (mma)" if r.mma_sync else "no"
+
+  @property
+  def status(self) -> str:
+    if self.error:
+      return "ERROR"
+    return "FAIL: " + "; ".join(self.problems) if self.problems else "ok"
+
+
+def check(row: Row) -> list[str]:
+  """The audit's thresholds. Any problem fails the audit; an error is one."""
+  if row.error:
+    return [row.error]
+  r, target = row.resources, TARGETS[row.target]
+  problems = []
+  if r.spill_bytes:
+    problems.append(f"spills ({r.spill_store_bytes} B stored, {r.spill_load_bytes} B loaded"
+                    f"{', from stack size' if r.source == 'cuobjdump' else ''})")
+  if r.shared_bytes > target.max_shared_per_block:
+    problems.append(f"shared memory {_kb(r.shared_bytes)} > {_kb(target.max_shared_per_block)} "
+                    f"per block on {target.sm}")
+  if row.num_dots and not (r.wgmma or r.mma_sync):
+    problems.append(f"{row.num_dots} tt.dot without a tensor-core instruction")
+  return problems
+
+
+def finish(row: Row) -> Row:
+  """Fill the derived fields (occupancy, problems) once resources or an error are known."""
+  if row.resources is not None and not row.error:
+    row.occupancy = occupancy(TARGETS[row.target], row.num_warps, row.resources.registers,
+                              row.resources.shared_bytes)
+  row.problems = check(row)
+  return row
+
+
+def failed(rows: list[Row]) -> bool:
+  return any(row.problems for row in rows)
+
+
+def _kb(n: int) -> str:
+  if n < 1024:
+    return f"{n} B"
+  return f"{n / 1024:.1f} KB" if n % 1024 else f"{n // 1024} KB"
+
+
+def _cells(row: Row) -> list[str]:
+  r, occ = row.resources, row.occupancy
+  spills = "-" if r is None else "0"
+  if r is not None and r.spill_bytes:
+    spills = f"{r.spill_store_bytes}/{r.spill_load_bytes} B"
+  return [row.op, row.case, row.kernel, row.target,
+          "-" if row.num_warps is None else str(row.num_warps),
+          "-" if row.num_stages is None else str(row.num_stages),
+          "-" if r is None else str(r.registers), spills,
+          "-" if r is None else _kb(r.shared_bytes),
+          "-" if occ is None else f"{occ.warps_per_sm}w {occ.percent:.0f}% ({occ.limiter})",
+          row.tensor_cores, row.status]
+
+
+HEADER = ["op", "case", "kernel", "target", "warps", "stages", "regs", "spills", "smem",
+          "occupancy/SM", "tensor cores", "status"]
+
+
+def table(rows: list[Row]) -> str:
+  lines = [HEADER] + [_cells(row) for row in rows]
+  widths = [max(len(line[i]) for line in lines) for i in range(len(HEADER) - 1)]
+
+  def fmt(line):
+    return "  ".join(c.ljust(w) for c, w in zip(line, widths)) + "  " + line[-1]
+  rule = "-" * (sum(widths) + 2 * len(widths) + 6)
+  return "\n".join([fmt(HEADER), rule, *(fmt(line) for line in lines[1:])])
+
+
+def footer(toolchain: str) -> str:
+  return "\n".join([
+      f"Compiled offline with the {toolchain} wheel's compiler and ptxas. XLA compiles the",
+      "same Triton IR with its own bundled Triton at run time, so these figures are a close",
+      "proxy, not a guarantee: confirm on a GPU. spills = ptxas spill stores/loads per thread;",
+      "smem = dynamic + static shared memory per block; occupancy = resident warps per SM (of",
+      "64) from registers, shared memory and threads, with the limiting factor; tensor cores =",
+      "wgmma/mma.sync in the PTX of a kernel whose Triton IR has a tt.dot (n.a. without one).",
+  ])
+
+
+def failures(rows: list[Row]) -> list[str]:
+  """One line per failing row, with the full problem (an error's message included)."""
+  return [f"{row.op} | {row.case} | {row.kernel} | {row.target}: " + "; ".join(row.problems)
+          for row in rows if row.problems]
+
+
+def to_json(row: Row) -> dict:
+  d = dataclasses.asdict(row)
+  d.update(tensor_cores=row.tensor_cores, status=row.status)
+  if row.resources is not None:
+    d["resources"]["shared_bytes"] = row.resources.shared_bytes
+  return d
+
+
+def write_json(path: str | Path, rows: list[Row], meta: dict) -> None:
+  payload = {**meta, "failed": failed(rows), "rows": [to_json(r) for r in rows]}
+  Path(path).write_text(json.dumps(payload, indent=1, default=str) + "\n")
+
+

@@ -1,0 +1,4 @@
+"""Prefill / general attention: FlashAttention-2 forward in Pallas (Triton), and its reference."""
+
+from pallas_kernels.ops.attention.api import attention as attention
+from pallas_kernels.ops.attention.config import AttentionConfig as AttentionConfig

@@ -2,6 +2,11 @@
 
 Folders are imported lazily: an op folder that does not exist yet (or fails to import) is
 skipped with a note, so the audit runs over whatever ops the tree has.
+
+Backward kernels: a folder's `specs.GRAD_CASES` (optional) are cases of the same public ops
+whose inputs end with the output cotangents, passed as keywords named `cotangent...` (see
+`grad_of`). Their `audit=True` members are lowered as `grad_of(public op)`: the gradient of
+the scalar loss sum(out * cotangent), i.e. the forward and the backward kernels together.
 """
 
 from __future__ import annotations
@@ -11,6 +16,8 @@ import importlib
 import importlib.util
 import pkgutil
 from collections.abc import Callable
+
+import numpy as np
 
 from pallas_kernels._core.specs import Case
 
@@ -59,6 +66,49 @@ def public_op(name: str, folder: str | None = None) -> Callable:
   return getattr(module, name)
 
 
+def _is_float_array(value) -> bool:
+  import jax
+  import jax.numpy as jnp
+  return (isinstance(value, (jax.Array, np.ndarray))
+          and jnp.issubdtype(value.dtype, jnp.floating))
+
+
+def grad_of(fn: Callable) -> Callable:
+  """`fn(*args, **kwargs)` -> the gradients of sum(fn(...) * cotangents) (a vjp of `fn`).
+
+  Keyword arrays named `cotangent...` are the cotangents of `fn`'s output leaves, in name
+  order ("cotangent", or "cotangent_0", "cotangent_1", ...); they are not passed to `fn`.
+  Gradients are taken w.r.t. every floating array argument, positional or keyword, and
+  returned as `(positional grads, {keyword: grad})`; other arguments pass through. The loss
+  value itself is dead code under jit: what runs is the forward and the vjp with the given
+  cotangents, as in a training step. (It belongs beside `Case` in `_core/specs.py`; it is
+  here until that move, and `bench.registry` imports it from here.)
+  """
+  import jax
+  import jax.numpy as jnp
+
+  def grads(*args, **kwargs):
+    names = sorted(k for k in kwargs if k.startswith("cotangent"))
+    cotangents = [kwargs.pop(k) for k in names]
+    arrays = {k: v for k, v in kwargs.items() if _is_float_array(v)}
+    static = {k: v for k, v in kwargs.items() if k not in arrays}
+    diff = [i for i, a in enumerate(args) if _is_float_array(a)]
+
+    def loss(diff_args, arrays):
+      full = list(args)
+      for i, a in zip(diff, diff_args):
+        full[i] = a
+      leaves = jax.tree.leaves(fn(*full, **arrays, **static))
+      if len(leaves) != len(cotangents):
+        raise ValueError(f"grad_of: {len(leaves)} output arrays, {len(cotangents)} cotangents "
+                         f"({names})")
+      return sum(jnp.sum(o.astype(jnp.float32) * c.astype(jnp.float32))
+                 for o, c in zip(leaves, cotangents))
+
+    return jax.grad(loss, argnums=(0, 1))([args[i] for i in diff], arrays)
+  return grads
+
+
 def _matches(op_filter: str | None, folder: str, case: Case) -> bool:
   return op_filter is None or op_filter in (folder, case.op)
 
@@ -93,6 +143,9 @@ def audit_cases(op_filter: str | None = None, notes: list[str] | None = None,
       audited = [c for c in specs.CASES if c.audit]
       cases = [c for c in audited if _matches(op_filter, folder, c)]
       found += [AuditCase(folder, c, public_op(c.op, folder)) for c in cases]
+      grads = [c for c in getattr(specs, "GRAD_CASES", ()) if c.audit]
+      found += [AuditCase(folder, c, grad_of(public_op(c.op, folder)))
+                for c in grads if _matches(op_filter, folder, c)]
     except Exception as e:  # noqa: BLE001 (reported, and the audit fails)
       errors.append(f"pallas_kernels.ops.{folder}: {type(e).__name__}: {e}")
       continue

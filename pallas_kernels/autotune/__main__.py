@@ -48,7 +48,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def plan(folders, args) -> list[tuple]:
   """(adapter or NotTunable error, folder, op, [(key, cases)]) for every selected public op."""
-  pairs = registry.select(folders, args.op, args.case, args.quick)
+  # Forward cases only: the tuned configs and keys are the forward kernels'.
+  pairs = registry.select(folders, args.op, args.case, args.quick, grad=False)
   out = []
   for folder in folders:
     cases = [c for f, c in pairs if f is folder]

@@ -2,6 +2,9 @@
 
 An op folder is `pallas_kernels/ops/<folder>/` with a `specs.py`. From it we use:
   specs.CASES               list[_core.specs.Case]; `case.op` names the public function
+  specs.GRAD_CASES          optional: backward cases of the same public functions, timed as
+                            `audit.registry.grad_of(fn)` (forward + vjp with the cotangents
+                            their inputs end with), every peer the same way
   specs.peers()             dict[name, fn] taking the public op's arguments, optional
   specs.bind(case, inputs)  -> (args, kwargs) of the public call, optional; without it the
                             call is `op(*inputs, **case.kwargs)` (normalization passes its
@@ -22,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import pallas_kernels.ops
+from pallas_kernels.audit.registry import grad_of
 
 OPS_DIR = Path(pallas_kernels.ops.__path__[0])
 
@@ -42,6 +46,13 @@ class OpFolder:
     return list(getattr(self.specs, "CASES", ())) if self.specs is not None else []
 
   @property
+  def grad_cases(self) -> list:
+    return list(getattr(self.specs, "GRAD_CASES", ())) if self.specs is not None else []
+
+  def is_grad_case(self, case) -> bool:
+    return any(case is c for c in self.grad_cases)
+
+  @property
   def public_ops(self) -> list[str]:
     return sorted({case.op for case in self.cases})
 
@@ -59,7 +70,11 @@ class OpFolder:
     return tuple(inputs), dict(case.kwargs)
 
   def bound(self, case, fn: Callable) -> Callable:
-    """`fn` taking one input set of `case` positionally, as jit wants its arrays."""
+    """`fn` taking one input set of `case` positionally, as jit wants its arrays (its
+    gradient, `grad_of(fn)`, for a grad case)."""
+    if self.is_grad_case(case):
+      fn = grad_of(fn)
+
     def call(*inputs):
       args, kwargs = self.bind(case, inputs)
       return fn(*args, **kwargs)
@@ -114,14 +129,17 @@ def quick_subset(cases: list) -> list:
 
 
 def select(folders: list[OpFolder], ops: Sequence[str] | None = None,
-           case_substring: str | None = None, quick: bool = False) -> list[tuple[OpFolder, Any]]:
-  """(folder, case) pairs that pass the filters, in catalogue order."""
+           case_substring: str | None = None, quick: bool = False,
+           grad: bool = True) -> list[tuple[OpFolder, Any]]:
+  """(folder, case) pairs that pass the filters, in catalogue order: each folder's CASES,
+  then (with `grad`) its GRAD_CASES."""
   needle = (case_substring or "").lower()
   pairs = []
   for folder in folders:
-    cases = [c for c in folder.cases
-             if matches_op(folder, c, ops) and needle in c.label.lower()]
-    pairs += [(folder, c) for c in (quick_subset(cases) if quick else cases)]
+    for catalogue in (folder.cases, folder.grad_cases if grad else []):
+      cases = [c for c in catalogue
+               if matches_op(folder, c, ops) and needle in c.label.lower()]
+      pairs += [(folder, c) for c in (quick_subset(cases) if quick else cases)]
   return pairs
 
 

@@ -1,4 +1,6 @@
-"""Prefill / general attention: FlashAttention-2 forward in Pallas (Triton), and its reference."""
+"""Prefill / general attention: FlashAttention-2 forward and backward in Pallas (Triton), and its
+reference."""
 
 from pallas_kernels.ops.attention.api import attention as attention
 from pallas_kernels.ops.attention.config import AttentionConfig as AttentionConfig
+from pallas_kernels.ops.attention.config_bwd import AttentionBwdConfig as AttentionBwdConfig

@@ -1,4 +1,8 @@
-"""`attention`: argument checks, then dispatch to the Triton kernel or the XLA reference."""
+"""`attention`: argument checks, then dispatch to the Triton kernels or the XLA reference.
+
+Both implementations are differentiable: "triton" through its FlashAttention-2 backward
+kernels (`vjp.py`, `triton_bwd.py`), "xla" by autodiff of the reference.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +12,9 @@ import jax.numpy as jnp
 from pallas_kernels._core import checks, dispatch
 from pallas_kernels.ops.attention import reference
 from pallas_kernels.ops.attention import triton as triton_impl
+from pallas_kernels.ops.attention import vjp
 from pallas_kernels.ops.attention.config import AttentionConfig
+from pallas_kernels.ops.attention.config_bwd import AttentionBwdConfig
 
 OP = "attention"
 
@@ -17,13 +23,13 @@ _reference_jit = jax.jit(reference.attention, static_argnames=(
     "causal", "sliding_window", "logit_softcap", "scale"))
 
 
-def _xla(q, k, v, *, config=None, **kwargs):
-  del config  # tiles mean nothing to XLA
+def _xla(q, k, v, *, config=None, bwd_config=None, **kwargs):
+  del config, bwd_config  # tiles mean nothing to XLA
   return _reference_jit(q, k, v, **kwargs)
 
 
 IMPLEMENTATIONS = (
-    dispatch.Implementation("triton", triton_impl.attention, refuses=triton_impl.refuses),
+    dispatch.Implementation("triton", vjp.attention, refuses=triton_impl.refuses),
     dispatch.Implementation("xla", _xla, is_pallas=False),
 )
 
@@ -31,7 +37,8 @@ IMPLEMENTATIONS = (
 def attention(q, k, v, *, causal: bool = True, lengths=None, q_offset=None,
               sliding_window: int | None = None, logit_softcap: float | None = None,
               scale: float | None = None, impl: str | None = None, interpret: bool = False,
-              config: AttentionConfig | None = None):
+              config: AttentionConfig | None = None,
+              bwd_config: AttentionBwdConfig | None = None):
   """Multi-head attention for prefill and general use: softmax(scale · q kᵀ + mask) v.
 
   Args:
@@ -50,18 +57,25 @@ def attention(q, k, v, *, causal: bool = True, lengths=None, q_offset=None,
     impl: "triton" or "xla"; None picks the Triton kernel on a GPU (or with interpret=True).
     interpret: run the Pallas kernel in interpret mode (CPU).
     config: an `AttentionConfig`; default: the tuned table of the device, else a heuristic.
+    bwd_config: an `AttentionBwdConfig` for the backward kernels (jax.grad and friends);
+      default as for `config`.
 
   Returns:
     [batch, q_len, num_heads, head_dim] in q's dtype. A query that sees no key at all (its
-    batch row has length 0, or every key is masked for it) outputs zeros, not NaN.
+    batch row has length 0, or every key is masked for it) outputs zeros, not NaN, and gets
+    zero gradients. Differentiable in q, k and v (jax.grad, vjp, checkpoint, vmap, jit).
   """
   _check(q, k, v, causal=causal, lengths=lengths, q_offset=q_offset,
          sliding_window=sliding_window, logit_softcap=logit_softcap, scale=scale)
+  if bwd_config is not None and not isinstance(bwd_config, AttentionBwdConfig):
+    raise TypeError(f"{OP}: `bwd_config` expected AttentionBwdConfig, "
+                    f"got {type(bwd_config).__name__}")
   if q.shape[1] == 0 or k.shape[1] == 0:  # no queries, or no key for any of them
     return jnp.zeros(q.shape, q.dtype)
   return dispatch.call(OP, impl, interpret, IMPLEMENTATIONS, q, k, v, causal=causal,
                        lengths=lengths, q_offset=q_offset, sliding_window=sliding_window,
-                       logit_softcap=logit_softcap, scale=scale, config=config)
+                       logit_softcap=logit_softcap, scale=scale, config=config,
+                       bwd_config=bwd_config)
 
 
 def _check(q, k, v, *, causal, lengths, q_offset, sliding_window, logit_softcap, scale):

@@ -4,10 +4,19 @@ Every case runs with the default `q_offset = kv_len - q_len`; a case whose q_len
 a chunk of a longer prefill (chunked prefill). FLOPs count only visible (query, key) pairs:
 4 * batch * num_heads * head_dim * pairs (two matmuls of 2 FLOPs per multiply-add). Bytes are
 the floor: q, k, v read once and o written once.
+
+GRAD_CASES are training shapes for the backward kernels: their inputs end with a random
+cotangent of the output (keyword "cotangent", see `bind`), and the audit and the benchmark
+run them as `audit.registry.grad_of(attention)`: forward plus vjp, as in a training step.
+Their FLOPs are forward + backward, 14 * batch * num_heads * head_dim * pairs: the forward's 2
+matmuls and the backward's 5 (S = QK^T recomputed, dP = dO V^T, dV, dK, dQ), the usual
+FlashAttention-2 convention (backward = 2.5x forward). Our deterministic backward executes 7
+(S and dP twice: once for dk/dv, once for dq); the extra work is not counted as useful.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import importlib.util
 from collections.abc import Callable
@@ -38,6 +47,19 @@ def _make(key, *, batch, q_len, kv_len, num_heads, num_kv_heads, head_dim, dtype
   k = jax.random.normal(kk, (batch, kv_len, num_kv_heads, head_dim), jnp.float32).astype(dtype)
   v = jax.random.normal(kv, (batch, kv_len, num_kv_heads, head_dim), jnp.float32).astype(dtype)
   return q, k, v
+
+
+@dataclasses.dataclass(frozen=True)
+class AttentionCase(Case):
+  # Trailing arrays of `make_inputs` passed as these keywords ("cotangent" of a grad case).
+  array_kwargs: tuple[str, ...] = ()
+
+
+def bind(case: Case, inputs: tuple) -> tuple[tuple, dict]:
+  """Split a case's inputs into (positional args, keyword args) for the public op."""
+  names = getattr(case, "array_kwargs", ())
+  split = len(inputs) - len(names)
+  return tuple(inputs[:split]), {**case.kwargs, **dict(zip(names, inputs[split:]))}
 
 
 def _case(label, *, batch, q_len, kv_len=None, num_heads, num_kv_heads, head_dim,
@@ -89,6 +111,55 @@ CASES: list[Case] = [
     _case("gemma2-9b prefill 8k window 4096 softcap 50 bf16", batch=1, q_len=8192,
           sliding_window=4096, logit_softcap=50.0, **GEMMA2_9B),
     _case("phi3-mini prefill 1k causal bf16", batch=2, q_len=1024, audit=True, **PHI3_MINI),
+]
+
+
+# ----------------------------------------------------------------------------------------------
+# Backward (training): forward + vjp with a random output cotangent.
+
+def _make_grad(key, **shape):
+  q, k, v = _make(key, **shape)
+  cotangent = jax.random.normal(jax.random.fold_in(key, 1), q.shape, jnp.float32)
+  return q, k, v, cotangent.astype(q.dtype)
+
+
+def _grad_case(label, *, batch, q_len, num_heads, num_kv_heads, head_dim, dtype=jnp.bfloat16,
+               causal=True, sliding_window=None, logit_softcap=None, audit=False) -> Case:
+  fwd = _case(label, batch=batch, q_len=q_len, num_heads=num_heads, num_kv_heads=num_kv_heads,
+              head_dim=head_dim, dtype=dtype, causal=causal, sliding_window=sliding_window,
+              logit_softcap=logit_softcap)
+  item = jnp.dtype(dtype).itemsize
+  q_elems, kv_elems = batch * q_len * num_heads * head_dim, batch * q_len * num_kv_heads * head_dim
+  rows = batch * q_len * num_heads
+  # Backward floor: read q, k, v, o, dO, write dq, dk, dv; lse written by the forward and read
+  # back, delta written and read (fp32 per row).
+  bwd_bytes = item * (4 * q_elems + 4 * kv_elems) + 4 * 4 * rows
+  return AttentionCase(
+      op=OP, label=f"grad {label}",
+      make_inputs=functools.partial(_make_grad, batch=batch, q_len=q_len, kv_len=q_len,
+                                    num_heads=num_heads, num_kv_heads=num_kv_heads,
+                                    head_dim=head_dim, dtype=dtype),
+      kwargs=fwd.kwargs,
+      flops=fwd.flops * 3.5,
+      bytes_moved=fwd.bytes_moved + bwd_bytes,
+      audit=audit,
+      array_kwargs=("cotangent",))
+
+
+GEMMA_LIKE_D256 = dict(num_heads=16, num_kv_heads=8, head_dim=256)
+
+GRAD_CASES: list[Case] = [
+    _grad_case("smollm2-135m train 2k causal bf16", batch=4, q_len=2048, audit=True,
+               **SMOLLM2),
+    _grad_case("llama3-8b train 4k causal bf16", batch=1, q_len=4096, audit=True, **LLAMA3_8B),
+    _grad_case("llama3-8b train 8k causal bf16", batch=1, q_len=8192, **LLAMA3_8B),
+    _grad_case("llama3-8b train 16k causal bf16", batch=1, q_len=16384, **LLAMA3_8B),
+    _grad_case("mistral-7b train 8k window 4096 bf16", batch=1, q_len=8192,
+               sliding_window=4096, audit=True, **MISTRAL_7B),
+    _grad_case("gemma2-9b-shape train 4k causal bf16", batch=1, q_len=4096, audit=True,
+               **GEMMA_LIKE_D256),
+    _grad_case("gemma2-9b train 4k window 4096 softcap 50 bf16", batch=1, q_len=4096,
+               sliding_window=4096, logit_softcap=50.0, **GEMMA2_9B),
 ]
 
 

@@ -52,7 +52,8 @@ def _kv_tile_ranges(q_first, q_last, length, *, block_k: int, causal: bool, wind
   hi = jnp.minimum(length, q_last + 1) if causal else length  # keys [lo, hi) may be visible
   lo = jnp.maximum(q_first - window + 1, 0) if window is not None else jnp.int32(0)
   t_lo = lo // block_k
-  t_hi = jnp.maximum(_cdiv(hi, block_k), t_lo)
+  # hi <= lo: no key at all (e.g. the length lies below the window); not even one masked tile.
+  t_hi = jnp.where(hi > lo, jnp.maximum(_cdiv(hi, block_k), t_lo), t_lo)
   # A tile needs no mask when its first key is visible to the last row (window) and its last
   # key is visible to the first row (causal) and exists (length).
   full_lo = jnp.maximum(q_last - window + 1, 0) if window is not None else lo
@@ -163,10 +164,10 @@ def _and_masks(*masks):
   return functools.reduce(lambda a, b: a & b, present) if present else None
 
 
-def _load(ref, mask):
+def _load(ref, mask, other=0):
   if mask is None:
     return ref[...]
-  return plgpu.load(ref, mask=mask, other=0)
+  return plgpu.load(ref, mask=mask, other=other)
 
 
 def _store(ref, value, mask):
@@ -185,12 +186,18 @@ def refuses(q, k, v, **kwargs) -> str | None:
 
 def tile_shape(cfg: config_lib.AttentionConfig, *, q_len: int, kv_len: int, group: int):
   """(positions per q tile, group_pad, block_k) actually used for these shapes."""
+  return tiles(cfg.block_q, cfg.block_k, q_len=q_len, kv_len=kv_len, group=group)
+
+
+def tiles(block_rows: int, block_k: int, *, q_len: int, kv_len: int, group: int):
+  """(positions, group_pad, block_k) for a q tile of `block_rows` rows and a kv tile of
+  `block_k` keys, shrunk to short sequences (the backward kernels share this)."""
   group_pad = config_lib.next_pow2(group)
-  positions = max(1, cfg.block_q // group_pad)
+  positions = max(1, block_rows // group_pad)
   positions = min(positions, config_lib.next_pow2(q_len))
   while positions * group_pad < 16:  # MMA rows: at least 16
     positions *= 2
-  block_k = min(cfg.block_k, max(16, config_lib.next_pow2(kv_len)))
+  block_k = min(block_k, max(16, config_lib.next_pow2(kv_len)))
   return positions, group_pad, block_k
 
 

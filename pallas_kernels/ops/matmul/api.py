@@ -5,6 +5,10 @@ into M rows); weights are `[K, N]`; bias is `[N]`; residual is `[..., N]` (x's l
 dimensions). x, the weights, bias and residual share one float dtype (fp32, bf16, fp16).
 Products accumulate in fp32; the epilogue runs on the fp32 accumulator before the one
 rounding to the output dtype.
+
+Gradients (reverse mode: jax.grad, vjp, under jit, vmap, checkpoint): "xla" by autodiff of
+the reference; "triton" through a custom_vjp whose backward runs dx = dz @ w.T and
+dw = x.T @ dz on the Pallas matmul kernel (dbias, dresidual from dz and the cotangent).
 """
 
 from __future__ import annotations

@@ -7,7 +7,10 @@ registers and streams `num_stages` pairs of `[block_m, block_k]` x tiles and
 
     shared memory ~= num_stages * (block_m * block_k + weights * block_k * block_n) * itemsize
 
-must fit the target's per-block limit (163 KB on A100, 227 KB on H100). Two regimes:
+must fit the target's per-block limit (163 KB on A100, 227 KB on H100). The backward
+kernels (dx = dz @ w.T, dw = x.T @ dz; see `triton.py`) resolve their own configs from the
+same heuristic for their own problem shapes, keyed with a `variant` ("dx", "dw") and, for the
+gated dx (two lhs tiles per K step), `lhs=2` in the shared-memory estimate. Two regimes:
 decode (M <= 64) is a GEMV over the weights, bound by weight bytes: a 16-row tile, wide
 K steps and narrow N tiles so that there are about as many programs as SMs. Prefill
 (large M) is bound by tensor-core FLOPs: big square-ish tiles with grouped ordering.
@@ -70,9 +73,10 @@ class MatmulConfig:
                        f"got {self.num_warps}")
 
 
-def smem_bytes(config: MatmulConfig, itemsize: int, num_weights: int = 1) -> int:
-  """Shared memory of the pipelined K loop: x tile plus one tile per weight, per stage."""
-  per_stage = config.block_m * config.block_k + num_weights * config.block_k * config.block_n
+def smem_bytes(config: MatmulConfig, itemsize: int, num_weights: int = 1, lhs: int = 1) -> int:
+  """Shared memory of the pipelined K loop: `lhs` x tiles plus one tile per weight, per stage."""
+  per_stage = (lhs * config.block_m * config.block_k
+               + num_weights * config.block_k * config.block_n)
   return config.num_stages * per_stage * itemsize
 
 
@@ -81,8 +85,10 @@ def m_bucket(m: int) -> int:
   return max(MIN_BLOCK, next_power_of_2(m))
 
 
-def tuning_key(m: int, n: int, k: int, dtype, gated: bool) -> dict:
-  return {"dtype": jnp.dtype(dtype).name, "m": m_bucket(m), "n": n, "k": k, "gated": bool(gated)}
+def tuning_key(m: int, n: int, k: int, dtype, gated: bool, variant: str | None = None) -> dict:
+  """`variant` names a backward kernel ("dx", "dw"): its problem is (m, n, k) of that product."""
+  key = {"dtype": jnp.dtype(dtype).name, "m": m_bucket(m), "n": n, "k": k, "gated": bool(gated)}
+  return key if variant is None else {**key, "variant": variant}
 
 
 def _decode_block_n(n: int, num_sms: int, widest: int) -> int:
@@ -98,6 +104,7 @@ def _decode_block_n(n: int, num_sms: int, widest: int) -> int:
 
 
 def _base(target: device.Target, m: int, n: int, itemsize: int, gated: bool) -> MatmulConfig:
+  """`gated`: the register-heavy tile family (see `heuristic`)."""
   hopper = target.is_hopper
   num_sms = target.num_sms or FALLBACK_NUM_SMS
   wide = itemsize <= 2  # bf16/fp16 feed the tensor cores; fp32 runs on FMA units (IEEE)
@@ -125,7 +132,7 @@ def _base(target: device.Target, m: int, n: int, itemsize: int, gated: bool) -> 
 
 
 def _fit(config: MatmulConfig, m: int, n: int, k: int, itemsize: int, num_weights: int,
-         smem_limit: int) -> MatmulConfig:
+         smem_limit: int, lhs: int = 1) -> MatmulConfig:
   """Clamp tiles to the (padded) problem, then shrink until the pipeline fits shared memory.
 
   Order: stages down to 3, block_k down to 64, stages down to 2, block_k down to 16, then
@@ -141,24 +148,35 @@ def _fit(config: MatmulConfig, m: int, n: int, k: int, itemsize: int, num_weight
   steps = (("num_stages", 3, 1), ("block_k", 64, 2), ("num_stages", 2, 1),
            ("block_k", MIN_BLOCK, 2), ("block_n", MIN_BLOCK, 2))
   for field, floor, shrink in steps:
-    while smem_bytes(config, itemsize, num_weights) > budget and getattr(config, field) > floor:
+    while (smem_bytes(config, itemsize, num_weights, lhs) > budget
+           and getattr(config, field) > floor):
       value = getattr(config, field)
       config = dataclasses.replace(config, **{field: value - 1 if shrink == 1 else value // 2})
   return config
 
 
-def heuristic(target: device.Target, m: int, n: int, k: int, dtype, gated: bool) -> MatmulConfig:
+def heuristic(target: device.Target, m: int, n: int, k: int, dtype, gated: bool, *,
+              variant: str | None = None, lhs: int = 1, rhs: int | None = None) -> MatmulConfig:
+  """`gated`: the gated op (two weights). `variant`: a backward kernel, "dx" (w read
+  transposed) or "dw" (x read transposed). `lhs`, `rhs`: operand tiles loaded per K step, for
+  the shared-memory fit (default 1 and 1 + gated)."""
   itemsize = jnp.dtype(dtype).itemsize
   smem_limit = target.max_shared_memory_bytes or FALLBACK_SMEM_BYTES
-  base = _base(target, m, n, itemsize, gated)
-  return _fit(base, m, n, k, itemsize, 2 if gated else 1, smem_limit)
+  # Register-heavy kernels take the gated matmul's tiles (shorter K steps on Ampere): two
+  # accumulators, four operand tiles per K step (the gated dx: 224 B of spills on sm_80 at
+  # 128x128x64), or a transposed x tile (dw: 255 registers and a 4 B spill on sm_80).
+  heavy = gated or lhs > 1 or variant == "dw"
+  base = _base(target, m, n, itemsize, heavy)
+  rhs = (2 if gated else 1) if rhs is None else rhs
+  return _fit(base, m, n, k, itemsize, rhs, smem_limit, lhs)
 
 
-def resolve(explicit: MatmulConfig | None, m: int, n: int, k: int, dtype,
-            gated: bool) -> MatmulConfig:
-  key = tuning_key(m, n, k, dtype, gated)
+def resolve(explicit: MatmulConfig | None, m: int, n: int, k: int, dtype, gated: bool, *,
+            variant: str | None = None, lhs: int = 1, rhs: int | None = None) -> MatmulConfig:
+  key = tuning_key(m, n, k, dtype, gated, variant)
   return config_lib.resolve(MatmulConfig, explicit, OP_DIR, key,
-                            lambda target: heuristic(target, m, n, k, dtype, gated))
+                            lambda target: heuristic(target, m, n, k, dtype, gated,
+                                                     variant=variant, lhs=lhs, rhs=rhs))
 
 
 # ---- autotune hook (see `pallas_kernels.autotune`): configs worth timing, best guesses first ----

@@ -6,7 +6,8 @@ contributes its attention QKV projection, the output projection and the MLP down
 projection (both + residual, the fused epilogue), the gate/up pair (gated_matmul), and at
 decode the LM head. Llama-3-70B rows are one tensor-parallel shard (TP = 8). A case's
 `make_inputs` returns the positional arguments followed by the arrays named in
-`array_kwargs` (bias, residual); `bind` splits them for the public call.
+`array_kwargs` (bias, residual); `bind` splits them for the public call. GRAD_CASES are the
+same layers at training token counts, for the backward kernels (see below).
 """
 
 from __future__ import annotations
@@ -139,6 +140,62 @@ CASES: list[MatmulCase] = [
     # The audit rows in a dtype other than bf16 (fp16) are added once each.
     *(_case(layer, m, jnp.dtype(d)) for layer in LAYERS for m in _rows(layer)
       for model, name, audit_m, d in sorted(AUDIT)
+      if (model, name, audit_m) == (layer.model, layer.name, m) and d != jnp.dtype(DTYPE).name),
+]
+
+
+# ---- backward: training shapes ---------------------------------------------------------------
+# A grad case's inputs end with a random cotangent of the output ("cotangent"); the audit and
+# the benchmark run it as `audit.registry.grad_of(op)`: the forward plus the vjp, as in a
+# training step. Rows are tokens per micro-batch.
+
+GRAD_M = (2048, 8192)
+# The audit's representative backward set: (model, layer name, M, dtype).
+GRAD_AUDIT = {
+    ("llama3-8b", "down_proj +residual", 2048, "bfloat16"),  # no activation: dz = g
+    ("llama3-8b", "gate/up swiglu", 2048, "bfloat16"),       # gated: 2-pair dx, 2-output dw
+    ("pythia-1b", "mlp up +bias gelu", 2048, "float16"),     # saved pre-activation, dbias
+    ("smollm2-135m", "qkv", 2048, "bfloat16"),               # narrow K = 576
+}
+
+
+def grad_floor(layer: Layer, m: int, dtype) -> tuple[float, float]:
+  """(flops, bytes) of the backward alone: dx = dz @ w.T and dw = x.T @ dz per weight
+  (4 M N K each); bytes = read g, x, the weights and the saved pre-activations (one per
+  weight, only with an activation), write dx, dw (and dbias). dresidual is g itself. Our
+  implementation also writes dz (with an activation) and reads it twice: not in the floor."""
+  itemsize = jnp.dtype(dtype).itemsize
+  weights = 2 if layer.gated else 1
+  saved = weights if (layer.gated or layer.activation) else 0
+  elements = (m * layer.n * (1 + saved) + 2 * m * layer.k + 2 * weights * layer.k * layer.n
+              + layer.n * layer.bias)
+  return float(4 * weights * m * layer.n * layer.k), float(elements * itemsize)
+
+
+def _make_grad_inputs(key, *, layer: Layer, m: int, dtype):
+  cotangent = jax.random.normal(jax.random.fold_in(key, 1), (m, layer.n), jnp.float32)
+  return _make_inputs(key, layer=layer, m=m, dtype=dtype) + (cotangent.astype(dtype),)
+
+
+def _grad_case(layer: Layer, m: int, dtype) -> MatmulCase:
+  """Forward (saving the pre-activations when there is an activation) plus backward."""
+  fwd = _case(layer, m, dtype)
+  weights = 2 if layer.gated else 1
+  saved = weights if (layer.gated or layer.activation) else 0
+  bwd_flops, bwd_bytes = grad_floor(layer, m, dtype)
+  return dataclasses.replace(
+      fwd, label=f"grad {fwd.label}",
+      make_inputs=functools.partial(_make_grad_inputs, layer=layer, m=m, dtype=dtype),
+      flops=fwd.flops + bwd_flops,
+      bytes_moved=fwd.bytes_moved + saved * m * layer.n * jnp.dtype(dtype).itemsize + bwd_bytes,
+      audit=(layer.model, layer.name, m, jnp.dtype(dtype).name) in GRAD_AUDIT,
+      array_kwargs=fwd.array_kwargs + ("cotangent",))
+
+
+GRAD_CASES: list[MatmulCase] = [
+    *(_grad_case(layer, m, DTYPE) for layer in LAYERS if not layer.decode_only for m in GRAD_M),
+    *(_grad_case(layer, m, jnp.dtype(d)) for layer in LAYERS if not layer.decode_only
+      for m in GRAD_M for model, name, audit_m, d in sorted(GRAD_AUDIT)
       if (model, name, audit_m) == (layer.model, layer.name, m) and d != jnp.dtype(DTYPE).name),
 ]
 

@@ -1,5 +1,11 @@
 """Tuning knobs of the normalization kernels: block of rows per program, warps, stages.
 
+The backward kernel (`triton._norm_bwd_rows`) takes the same `NormConfig` from its own tuning
+key (kind "rms_bwd" / "layer_bwd") and heuristic (`bwd_heuristic`): it holds more arrays per
+element (dy, h, dh and the fp32 dweight/dbias accumulators), so it uses a quarter of the
+forward's elements per thread where the row allows. Its grid is not a config field:
+`bwd_programs` caps it at a few programs per SM, each looping over its share of row blocks.
+
 Resolution (explicit > tuned table > heuristic) goes through `_core.config.resolve`.
 The kernel holds one block of `block_rows x padded_width` elements of each streamed
 array in registers, so the heuristic sizes that block to a fixed element count and
@@ -77,6 +83,48 @@ def resolve(explicit: NormConfig | None, width: int, dtype, residual: bool,
   key = tuning_key(width, dtype, residual, kind)
   return config_lib.resolve(NormConfig, explicit, OP_DIR, key,
                             lambda target: heuristic(target, width))
+
+
+# --- Backward ------------------------------------------------------------------------------
+
+# Tile of the backward: ~2k elements (one row when wider). Each program loops over several row
+# blocks, so bytes in flight per SM come from the resident programs, not from one big tile.
+BWD_TILE_ELEMENTS = 2048
+# 4 elements of each array per thread where the row allows: the loop keeps dy, h, dh and the
+# fp32 dweight (and dbias) accumulators live at once. Offline compile: 32-40 registers at
+# 4 per thread, 40-64 at 8 (one fp32 LayerNorm case spilled on sm_80), 100-128 at 16.
+BWD_ELEMENTS_PER_THREAD = 4
+# Widest padded row the backward kernel takes: at 16384 (32 elements per thread, 16 warps)
+# the accumulator plus one row of dy, h and dh need > 128 registers and spill on sm_90.
+# Wider rows get the XLA backward (`triton._norm_bwd_xla`).
+BWD_MAX_BLOCK_WIDTH = 8192
+# Backward programs per SM. Each writes one fp32 partial row of dweight (and dbias), reduced
+# afterwards: <= 2 * SMs * D * 4 bytes per vector, a few % of the streams for rows >= 4096.
+BWD_PROGRAMS_PER_SM = 2
+FALLBACK_NUM_SMS = 108  # off-GPU (interpret mode): an A100's count
+
+
+def bwd_heuristic(target: device.Target, width: int) -> NormConfig:
+  """Tile of ~2k elements (one row when wider), one warp per 128 of them, at most 16."""
+  del target  # the same rule on Ampere and Hopper: the grid, not the tile, fills the SMs
+  block_width = next_power_of_2(width)
+  block_rows = min(MAX_BLOCK_ROWS, max(1, BWD_TILE_ELEMENTS // block_width))
+  threads = block_rows * block_width // BWD_ELEMENTS_PER_THREAD
+  num_warps = min(MAX_WARPS, max(1, threads // 32))
+  return NormConfig(block_rows=block_rows, num_warps=num_warps, num_stages=1)
+
+
+def resolve_bwd(width: int, dtype, residual: bool, kind: str) -> NormConfig:
+  """The backward's config: tuned table (kind "<kind>_bwd"), else `bwd_heuristic`."""
+  key = tuning_key(width, dtype, residual, f"{kind}_bwd")
+  return config_lib.resolve(NormConfig, None, OP_DIR, key,
+                            lambda target: bwd_heuristic(target, width))
+
+
+def bwd_programs(row_blocks: int, target: device.Target) -> int:
+  """Grid of the backward: min(row blocks, BWD_PROGRAMS_PER_SM x SMs) programs."""
+  num_sms = target.num_sms or FALLBACK_NUM_SMS
+  return max(1, min(row_blocks, BWD_PROGRAMS_PER_SM * num_sms))
 
 
 # --- Hooks for `python -m pallas_kernels.autotune` (arguments of the public call) ---------

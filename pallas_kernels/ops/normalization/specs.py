@@ -3,6 +3,11 @@
 Rows span decode batches (1, 16, 256) and prefill token counts (4096, 16384). A fused
 case passes `residual` as a keyword array: `make_inputs` returns the positional
 arguments followed by the arrays named in `array_kwargs` (see `bind`).
+
+GRAD_CASES are training shapes (4096 and 16384 tokens) of the same ops for the backward
+kernels: their inputs end with random cotangents of the outputs ("cotangent", or
+"cotangent_0"/"cotangent_1" for (y, h)), and the audit and the benchmark run them as
+`audit.registry.grad_of(op)`: the forward plus the vjp, as in a training step.
 """
 
 from __future__ import annotations
@@ -67,11 +72,19 @@ def _make_inputs(key, *, rows, width, dtype, kind, residual):
   return args
 
 
-def _case(model, width, kind, eps, rows, dtype, residual) -> NormCase:
+def _floor(width: int, kind: str, rows: int, dtype, residual: bool) -> tuple[float, float]:
+  """(flops, bytes_moved) of the forward: read x (+ residual), write y (+ h), read weight
+  (+ bias) once."""
   itemsize = jnp.dtype(dtype).itemsize
-  streams = 2 + 2 * residual  # read x (+ residual), write y (+ h)
-  vectors = 1 + (kind == "layer")  # weight (+ bias)
+  streams = 2 + 2 * residual
+  vectors = 1 + (kind == "layer")
   flops_per_element = (4 if kind == "rms" else 7) + residual
+  return (float(flops_per_element * rows * width),
+          float((streams * rows + vectors) * width * itemsize))
+
+
+def _case(model, width, kind, eps, rows, dtype, residual) -> NormCase:
+  flops, bytes_moved = _floor(width, kind, rows, dtype, residual)
   name = jnp.dtype(dtype).name
   return NormCase(
       op="rms_norm" if kind == "rms" else "layer_norm",
@@ -79,8 +92,8 @@ def _case(model, width, kind, eps, rows, dtype, residual) -> NormCase:
       make_inputs=functools.partial(_make_inputs, rows=rows, width=width, dtype=dtype,
                                     kind=kind, residual=residual),
       kwargs={"eps": eps},
-      flops=float(flops_per_element * rows * width),
-      bytes_moved=float((streams * rows + vectors) * width * itemsize),
+      flops=flops,
+      bytes_moved=bytes_moved,
       audit=(model, rows, name, residual) in AUDIT,
       array_kwargs=("residual",) if residual else (),
   )
@@ -92,6 +105,74 @@ CASES: list[NormCase] = [
     for rows in ROWS
     for dtype in DTYPES
     for residual in (False, True)
+]
+
+
+# --- Backward: training shapes ---------------------------------------------------------------
+
+GRAD_ROWS = (4096, 16384)
+# The audit's representative backward set: (model, rows, dtype, residual).
+GRAD_AUDIT = {
+    ("smollm2-135m", 4096, "bfloat16", True),   # narrow rows: 4 rows per tile
+    ("llama3-8b", 4096, "bfloat16", False),
+    ("llama3-70b", 4096, "float32", True),      # fp32 at 8192: the register-pressure case
+    ("llama3-405b", 4096, "bfloat16", True),    # widest row: 32 elements per thread
+    ("gpt2", 4096, "float32", True),            # LayerNorm: dweight and dbias accumulators
+    ("gpt2", 4096, "bfloat16", False),
+}
+
+
+def bwd_floor(width: int, kind: str, rows: int, dtype, residual: bool,
+              programs: int = 264) -> tuple[float, float]:
+  """(flops, bytes) of the backward alone: read dy, h (+ dh), write dx (dresidual is the same
+  array), read the weight, write and re-read `programs` fp32 partial rows per accumulator
+  (264 = 2 per SM on an H100)."""
+  itemsize = jnp.dtype(dtype).itemsize
+  vectors = 1 + (kind == "layer")
+  streams = 3 + residual
+  flops_per_element = (11 if kind == "rms" else 15) + residual
+  partials = 2 * vectors * programs * width * 4
+  return (float(flops_per_element * rows * width),
+          float((streams * rows + 1 + vectors) * width * itemsize + partials))
+
+
+def _make_grad_inputs(key, *, rows, width, dtype, kind, residual):
+  args = _make_inputs(key, rows=rows, width=width, dtype=dtype, kind=kind, residual=residual)
+  cotangents = jax.random.normal(jax.random.fold_in(key, 1), (1 + residual, rows, width),
+                                 jnp.float32).astype(dtype)
+  return args + tuple(cotangents)
+
+
+def _grad_case(model, width, kind, eps, rows, dtype, residual) -> NormCase:
+  """`jax.grad` of sum(out * cotangent): forward plus backward, floor = the sum of both."""
+  fwd_flops, fwd_bytes = _floor(width, kind, rows, dtype, residual)
+  bwd_flops, bwd_bytes = bwd_floor(width, kind, rows, dtype, residual)
+  name = jnp.dtype(dtype).name
+  cotangents = ("cotangent_0", "cotangent_1") if residual else ("cotangent",)
+  return NormCase(
+      op="rms_norm" if kind == "rms" else "layer_norm",
+      label=(f"grad {model} {kind}_norm d={width} rows={rows} {name}"
+             f"{' +residual' if residual else ''}"),
+      make_inputs=functools.partial(_make_grad_inputs, rows=rows, width=width, dtype=dtype,
+                                    kind=kind, residual=residual),
+      kwargs={"eps": eps},
+      flops=fwd_flops + bwd_flops,
+      bytes_moved=fwd_bytes + bwd_bytes,
+      audit=(model, rows, name, residual) in GRAD_AUDIT,
+      array_kwargs=("residual",) * residual + cotangents,
+  )
+
+
+GRAD_CASES: list[NormCase] = [
+    *(_grad_case(model, width, kind, eps, rows, jnp.bfloat16, residual)
+      for model, width, kind, eps in MODELS
+      for rows in GRAD_ROWS
+      for residual in (False, True)),
+    # The fp32 audit rows, once each.
+    *(_grad_case(model, width, kind, eps, rows, jnp.float32, residual)
+      for model, width, kind, eps in MODELS
+      for audit_model, rows, dtype, residual in sorted(GRAD_AUDIT)
+      if audit_model == model and dtype == "float32"),
 ]
 
 

@@ -1,0 +1,84 @@
+"""The differentiable Triton path: forward kernel + FlashAttention-2 backward under custom_vjp.
+
+The forward saves q, k, v, lengths, q_offset, the output and the fp32 log-sum-exp (the
+forward kernel's `return_lse`); the backward is `triton_bwd.backward`. Nothing of the size
+[q_len, kv_len] is ever stored. Under `jax.checkpoint` the residuals follow the policy like
+any other values (with `nothing_saveable` the forward kernel runs again in the backward).
+`lengths` and `q_offset` are integer inputs: their cotangents are zero (None).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+
+from pallas_kernels.ops.attention import config as config_lib
+from pallas_kernels.ops.attention import config_bwd
+from pallas_kernels.ops.attention import triton as triton_fwd
+from pallas_kernels.ops.attention import triton_bwd
+
+
+@dataclasses.dataclass(frozen=True)
+class _Static:
+  """Everything static about one call (hashable: a nondiff argument of the custom_vjp)."""
+
+  causal: bool
+  window: int | None
+  softcap: float | None
+  scale: float
+  cfg: config_lib.AttentionConfig
+  bwd_cfg: config_bwd.AttentionBwdConfig
+  interpret: bool
+
+  def kernel_kwargs(self) -> dict:
+    return dict(causal=self.causal, window=self.window, softcap=self.softcap, scale=self.scale,
+                interpret=self.interpret)
+
+
+def attention(q, k, v, *, causal: bool = True, lengths=None, q_offset=None,
+              sliding_window: int | None = None, logit_softcap: float | None = None,
+              scale: float | None = None, config: config_lib.AttentionConfig | None = None,
+              bwd_config: config_bwd.AttentionBwdConfig | None = None,
+              interpret: bool = False):
+  """The "triton" implementation of `pallas_kernels.attention`. Arguments are checked by
+  `api.attention`."""
+  batch, q_len, _, head_dim = q.shape
+  kv_len = k.shape[1]
+  shape = dict(head_dim=head_dim, dtype=q.dtype, causal=causal, q_len=q_len, kv_len=kv_len)
+  static = _Static(
+      causal=causal, window=sliding_window,
+      softcap=None if logit_softcap is None else float(logit_softcap),
+      scale=1.0 / math.sqrt(head_dim) if scale is None else float(scale),
+      cfg=config_lib.resolve(config, **shape), bwd_cfg=config_bwd.resolve(bwd_config, **shape),
+      interpret=interpret)
+  if lengths is None:
+    lengths = jnp.full((batch,), kv_len, jnp.int32)
+  if q_offset is None:
+    q_offset = jnp.full((batch,), kv_len - q_len, jnp.int32)
+  return _attention(q, k, v, lengths, q_offset, static)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def _attention(q, k, v, lengths, q_offset, static: _Static):
+  return triton_fwd._attention(q, k, v, lengths, q_offset, cfg=static.cfg, return_lse=False,
+                               count_tiles=False, **static.kernel_kwargs())
+
+
+def _attention_fwd(q, k, v, lengths, q_offset, static: _Static):
+  o, lse = triton_fwd._attention(q, k, v, lengths, q_offset, cfg=static.cfg, return_lse=True,
+                                 count_tiles=False, **static.kernel_kwargs())
+  return o, (q, k, v, lengths, q_offset, o, lse)
+
+
+def _attention_bwd(static: _Static, residuals, do):
+  q, k, v, lengths, q_offset, o, lse = residuals
+  dq, dk, dv = triton_bwd.backward(q, k, v, lengths, q_offset, o, lse, do.astype(o.dtype),
+                                   cfg=static.bwd_cfg, **static.kernel_kwargs())
+  return dq, dk, dv, None, None
+
+
+_attention.defvjp(_attention_fwd, _attention_bwd)

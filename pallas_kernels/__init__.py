@@ -4,12 +4,12 @@ Every op takes `impl=` ("xla", "triton"; None picks the best for the current dev
 CPU) and `interpret=True` to run the Pallas kernel on CPU. See `pallas_kernels/ops/<op>/`.
 """
 
-from pallas_kernels.ops.attention import AttentionConfig, attention
+from pallas_kernels.ops.attention import AttentionBwdConfig, AttentionConfig, attention
 from pallas_kernels.ops.decode_attention import DecodeAttentionConfig, decode_attention
 from pallas_kernels.ops.matmul import MatmulConfig, gated_matmul, matmul
 from pallas_kernels.ops.normalization import NormConfig, layer_norm, rms_norm
 
 __all__ = [
     "attention", "decode_attention", "matmul", "gated_matmul", "rms_norm", "layer_norm",
-    "AttentionConfig", "DecodeAttentionConfig", "MatmulConfig", "NormConfig",
+    "AttentionConfig", "AttentionBwdConfig", "DecodeAttentionConfig", "MatmulConfig", "NormConfig",
 ]

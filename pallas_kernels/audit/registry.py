@@ -19,7 +19,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from pallas_kernels._core.specs import Case
+from pallas_kernels._core.specs import Case, grad_of
 
 # Case.op (the public function's name) -> folder under pallas_kernels/ops/.
 OP_FOLDERS: dict[str, str] = {
@@ -64,49 +64,6 @@ def public_op(name: str, folder: str | None = None) -> Callable:
     raise AttributeError(f"pallas_kernels.ops.{folder} has no public function {name!r} "
                          f"(Case.op of its specs)")
   return getattr(module, name)
-
-
-def _is_float_array(value) -> bool:
-  import jax
-  import jax.numpy as jnp
-  return (isinstance(value, (jax.Array, np.ndarray))
-          and jnp.issubdtype(value.dtype, jnp.floating))
-
-
-def grad_of(fn: Callable) -> Callable:
-  """`fn(*args, **kwargs)` -> the gradients of sum(fn(...) * cotangents) (a vjp of `fn`).
-
-  Keyword arrays named `cotangent...` are the cotangents of `fn`'s output leaves, in name
-  order ("cotangent", or "cotangent_0", "cotangent_1", ...); they are not passed to `fn`.
-  Gradients are taken w.r.t. every floating array argument, positional or keyword, and
-  returned as `(positional grads, {keyword: grad})`; other arguments pass through. The loss
-  value itself is dead code under jit: what runs is the forward and the vjp with the given
-  cotangents, as in a training step. (It belongs beside `Case` in `_core/specs.py`; it is
-  here until that move, and `bench.registry` imports it from here.)
-  """
-  import jax
-  import jax.numpy as jnp
-
-  def grads(*args, **kwargs):
-    names = sorted(k for k in kwargs if k.startswith("cotangent"))
-    cotangents = [kwargs.pop(k) for k in names]
-    arrays = {k: v for k, v in kwargs.items() if _is_float_array(v)}
-    static = {k: v for k, v in kwargs.items() if k not in arrays}
-    diff = [i for i, a in enumerate(args) if _is_float_array(a)]
-
-    def loss(diff_args, arrays):
-      full = list(args)
-      for i, a in zip(diff, diff_args):
-        full[i] = a
-      leaves = jax.tree.leaves(fn(*full, **arrays, **static))
-      if len(leaves) != len(cotangents):
-        raise ValueError(f"grad_of: {len(leaves)} output arrays, {len(cotangents)} cotangents "
-                         f"({names})")
-      return sum(jnp.sum(o.astype(jnp.float32) * c.astype(jnp.float32))
-                 for o, c in zip(leaves, cotangents))
-
-    return jax.grad(loss, argnums=(0, 1))([args[i] for i in diff], arrays)
-  return grads
 
 
 def _matches(op_filter: str | None, folder: str, case: Case) -> bool:
@@ -155,11 +112,5 @@ def audit_cases(op_filter: str | None = None, notes: list[str] | None = None,
 
 
 def split_args(case: Case, inputs: tuple) -> tuple[tuple, dict]:
-  """(positional, keyword arrays): trailing inputs named in `case.array_kwargs` are keywords.
-
-  Matmul and normalization cases return e.g. `residual` last from `make_inputs` and name
-  it in `array_kwargs` (their specs' `bind`); other cases are all positional.
-  """
-  names = tuple(getattr(case, "array_kwargs", ()))
-  split = len(inputs) - len(names)
-  return tuple(inputs[:split]), dict(zip(names, inputs[split:]))
+  """(positional, keyword arrays) of one input set: `Case.split`."""
+  return case.split(tuple(inputs))

@@ -22,8 +22,7 @@ Contract with an op folder (all names in its `config.py`, all optional):
       The heuristic's config for this call: always tried, and the centre of the generic grid.
 
   The config class is the frozen dataclass defined in config.py (one per folder).
-  `args, kwargs` come from `specs.bind(case, inputs)` when specs defines it, else
-  `(inputs, case.kwargs)`; the public op must accept `impl=` and `config=`.
+  `args, kwargs` come from `case.bind(inputs)`; the public op must accept `impl=` and `config=`.
 
 Without `autotune_key`/`autotune_default`, `adapters.BUILTIN` supplies them for the ops
 that exist today (read off their config.py and triton.py); a folder with neither is listed

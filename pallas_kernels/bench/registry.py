@@ -3,12 +3,11 @@
 An op folder is `pallas_kernels/ops/<folder>/` with a `specs.py`. From it we use:
   specs.CASES               list[_core.specs.Case]; `case.op` names the public function
   specs.GRAD_CASES          optional: backward cases of the same public functions, timed as
-                            `audit.registry.grad_of(fn)` (forward + vjp with the cotangents
+                            `_core.specs.grad_of(fn)` (forward + vjp with the cotangents
                             their inputs end with), every peer the same way
   specs.peers()             dict[name, fn] taking the public op's arguments, optional
-  specs.bind(case, inputs)  -> (args, kwargs) of the public call, optional; without it the
-                            call is `op(*inputs, **case.kwargs)` (normalization passes its
-                            `residual` array as a keyword this way)
+  Case.bind(inputs)         -> (args, kwargs) of the public call: trailing inputs named in
+                            `case.array_kwargs` (e.g. `residual`) are passed as keywords
   <folder package>.<op>     the public function, called with `impl=` (and `config=` by autotune)
   config.py                 only autotune reads it (see `pallas_kernels.autotune`)
 A folder whose modules fail to import is kept with its error, so a listing shows it
@@ -25,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import pallas_kernels.ops
-from pallas_kernels.audit.registry import grad_of
+from pallas_kernels._core.specs import grad_of
 
 OPS_DIR = Path(pallas_kernels.ops.__path__[0])
 
@@ -64,10 +63,7 @@ class OpFolder:
 
   def bind(self, case, inputs: tuple) -> tuple[tuple, dict]:
     """The public call's (args, kwargs) for one input set of `case`."""
-    bind = getattr(self.specs, "bind", None)
-    if bind is not None:
-      return bind(case, tuple(inputs))
-    return tuple(inputs), dict(case.kwargs)
+    return case.bind(tuple(inputs))
 
   def bound(self, case, fn: Callable) -> Callable:
     """`fn` taking one input set of `case` positionally, as jit wants its arrays (its

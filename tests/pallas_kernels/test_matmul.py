@@ -347,7 +347,7 @@ def test_specs_catalogue():
   assert any(c.array_kwargs for c in audit) and any(c.kwargs.get("activation") for c in audit)
   for case in audit + specs.CASES[:3]:
     inputs = case.abstract_inputs()
-    args, kwargs = specs.bind(case, inputs)
+    args, kwargs = case.bind(inputs)
     (m, k), n = args[0].shape, args[1].shape[1]
     weights = 2 if case.op == "gated_matmul" else 1
     assert case.flops == 2 * weights * m * n * k
@@ -362,7 +362,7 @@ def _lower_for(kind, case):
   inputs = case.abstract_inputs()  # built outside the abstract mesh
 
   def call(*arrays):
-    args, kwargs = specs.bind(case, arrays)
+    args, kwargs = case.bind(arrays)
     return fn(*args, **kwargs)  # impl=None: the GPU default, triton
 
   mesh = jax.sharding.AbstractMesh((1,), ("x",), (jax.sharding.AxisType.Explicit,),

@@ -234,13 +234,13 @@ def test_specs_catalogue():
   assert {c.abstract_inputs()[0].shape[-1] for c in audit} >= {576, 4096, 8192}
   case = next(c for c in specs.CASES if c.label == "llama3-8b rms_norm d=4096 rows=16 "
               "float32 +residual")
-  args, kwargs = specs.bind(case, case.abstract_inputs())
+  args, kwargs = case.bind(case.abstract_inputs())
   assert [a.shape for a in args] == [(16, 4096), (4096,)] and kwargs["residual"].shape == (16, 4096)
   assert case.bytes_moved == (4 * 16 + 1) * 4096 * 4  # x, residual, y, h + weight
 
 
 def _lower_for(case, device_kind):
-  args, kwargs = specs.bind(case, case.abstract_inputs())
+  args, kwargs = case.bind(case.abstract_inputs())
   op = {"rms_norm": rms_norm, "layer_norm": layer_norm}[case.op]
   n = len(args)
 

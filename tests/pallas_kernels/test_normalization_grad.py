@@ -324,8 +324,7 @@ def test_bench_times_grad_cases_as_gradients():
   from pallas_kernels.bench import registry  # noqa: PLC0415
   toy = specs._grad_case("toy", 96, "rms", 1e-5, 8, jnp.float32, True)
   folder = registry.OpFolder("normalization", registry.OPS_DIR, package=package,
-                             specs=types.SimpleNamespace(CASES=specs.CASES[:1], GRAD_CASES=[toy],
-                                                         bind=specs.bind))
+                             specs=types.SimpleNamespace(CASES=specs.CASES[:1], GRAD_CASES=[toy]))
   assert [c for _, c in registry.select([folder])] == [specs.CASES[0], toy]
   assert [c for _, c in registry.select([folder], grad=False)] == [specs.CASES[0]]
   rng = np.random.default_rng(17)  # numpy draws: jax.random compiles once per shape

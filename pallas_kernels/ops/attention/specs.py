@@ -7,7 +7,7 @@ the floor: q, k, v read once and o written once.
 
 GRAD_CASES are training shapes for the backward kernels: their inputs end with a random
 cotangent of the output (keyword "cotangent", see `bind`), and the audit and the benchmark
-run them as `audit.registry.grad_of(attention)`: forward plus vjp, as in a training step.
+run them as `_core.specs.grad_of(attention)`: forward plus vjp, as in a training step.
 Their FLOPs are forward + backward, 14 * batch * num_heads * head_dim * pairs: the forward's 2
 matmuls and the backward's 5 (S = QK^T recomputed, dP = dO V^T, dV, dK, dQ), the usual
 FlashAttention-2 convention (backward = 2.5x forward). Our deterministic backward executes 7
@@ -16,7 +16,6 @@ FlashAttention-2 convention (backward = 2.5x forward). Our deterministic backwar
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import importlib.util
 from collections.abc import Callable
@@ -48,18 +47,6 @@ def _make(key, *, batch, q_len, kv_len, num_heads, num_kv_heads, head_dim, dtype
   v = jax.random.normal(kv, (batch, kv_len, num_kv_heads, head_dim), jnp.float32).astype(dtype)
   return q, k, v
 
-
-@dataclasses.dataclass(frozen=True)
-class AttentionCase(Case):
-  # Trailing arrays of `make_inputs` passed as these keywords ("cotangent" of a grad case).
-  array_kwargs: tuple[str, ...] = ()
-
-
-def bind(case: Case, inputs: tuple) -> tuple[tuple, dict]:
-  """Split a case's inputs into (positional args, keyword args) for the public op."""
-  names = getattr(case, "array_kwargs", ())
-  split = len(inputs) - len(names)
-  return tuple(inputs[:split]), {**case.kwargs, **dict(zip(names, inputs[split:]))}
 
 
 def _case(label, *, batch, q_len, kv_len=None, num_heads, num_kv_heads, head_dim,
@@ -134,7 +121,7 @@ def _grad_case(label, *, batch, q_len, num_heads, num_kv_heads, head_dim, dtype=
   # Backward floor: read q, k, v, o, dO, write dq, dk, dv; lse written by the forward and read
   # back, delta written and read (fp32 per row).
   bwd_bytes = item * (4 * q_elems + 4 * kv_elems) + 4 * 4 * rows
-  return AttentionCase(
+  return Case(
       op=OP, label=f"grad {label}",
       make_inputs=functools.partial(_make_grad, batch=batch, q_len=q_len, kv_len=q_len,
                                     num_heads=num_heads, num_kv_heads=num_kv_heads,

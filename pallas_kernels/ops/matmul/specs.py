@@ -81,18 +81,6 @@ AUDIT = {
 DTYPE = jnp.bfloat16
 
 
-@dataclasses.dataclass(frozen=True)
-class MatmulCase(Case):
-  # Trailing arrays of `make_inputs` passed as these keywords ("bias", "residual").
-  array_kwargs: tuple[str, ...] = ()
-
-
-def bind(case: Case, inputs: tuple) -> tuple[tuple, dict]:
-  """Split a case's inputs into (positional args, keyword args) for the public op."""
-  names = getattr(case, "array_kwargs", ())
-  split = len(inputs) - len(names)
-  return tuple(inputs[:split]), {**case.kwargs, **dict(zip(names, inputs[split:]))}
-
 
 def _make_inputs(key, *, layer: Layer, m: int, dtype):
   kx, kw, ku, kb, kr = jax.random.split(key, 5)
@@ -109,7 +97,7 @@ def _make_inputs(key, *, layer: Layer, m: int, dtype):
   return args
 
 
-def _case(layer: Layer, m: int, dtype) -> MatmulCase:
+def _case(layer: Layer, m: int, dtype) -> Case:
   itemsize = jnp.dtype(dtype).itemsize
   weights = 2 if layer.gated else 1
   vectors = layer.n * layer.bias
@@ -119,7 +107,7 @@ def _case(layer: Layer, m: int, dtype) -> MatmulCase:
     kwargs = {"activation": layer.activation}
   else:
     kwargs = {"activation": layer.activation} if layer.activation else {}
-  return MatmulCase(
+  return Case(
       op="gated_matmul" if layer.gated else "matmul",
       label=f"{layer.model} {layer.name} M={m} K={layer.k} N={layer.n} {name}",
       make_inputs=functools.partial(_make_inputs, layer=layer, m=m, dtype=dtype),
@@ -135,7 +123,7 @@ def _rows(layer: Layer) -> tuple[int, ...]:
   return DECODE_M if layer.decode_only else DECODE_M + PREFILL_M
 
 
-CASES: list[MatmulCase] = [
+CASES: list[Case] = [
     *(_case(layer, m, DTYPE) for layer in LAYERS for m in _rows(layer)),
     # The audit rows in a dtype other than bf16 (fp16) are added once each.
     *(_case(layer, m, jnp.dtype(d)) for layer in LAYERS for m in _rows(layer)
@@ -146,7 +134,7 @@ CASES: list[MatmulCase] = [
 
 # ---- backward: training shapes ---------------------------------------------------------------
 # A grad case's inputs end with a random cotangent of the output ("cotangent"); the audit and
-# the benchmark run it as `audit.registry.grad_of(op)`: the forward plus the vjp, as in a
+# the benchmark run it as `_core.specs.grad_of(op)`: the forward plus the vjp, as in a
 # training step. Rows are tokens per micro-batch.
 
 GRAD_M = (2048, 8192)
@@ -177,7 +165,7 @@ def _make_grad_inputs(key, *, layer: Layer, m: int, dtype):
   return _make_inputs(key, layer=layer, m=m, dtype=dtype) + (cotangent.astype(dtype),)
 
 
-def _grad_case(layer: Layer, m: int, dtype) -> MatmulCase:
+def _grad_case(layer: Layer, m: int, dtype) -> Case:
   """Forward (saving the pre-activations when there is an activation) plus backward."""
   fwd = _case(layer, m, dtype)
   weights = 2 if layer.gated else 1
@@ -192,7 +180,7 @@ def _grad_case(layer: Layer, m: int, dtype) -> MatmulCase:
       array_kwargs=fwd.array_kwargs + ("cotangent",))
 
 
-GRAD_CASES: list[MatmulCase] = [
+GRAD_CASES: list[Case] = [
     *(_grad_case(layer, m, DTYPE) for layer in LAYERS if not layer.decode_only for m in GRAD_M),
     *(_grad_case(layer, m, jnp.dtype(d)) for layer in LAYERS if not layer.decode_only
       for m in GRAD_M for model, name, audit_m, d in sorted(GRAD_AUDIT)

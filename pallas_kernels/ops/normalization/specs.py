@@ -7,12 +7,11 @@ arguments followed by the arrays named in `array_kwargs` (see `bind`).
 GRAD_CASES are training shapes (4096 and 16384 tokens) of the same ops for the backward
 kernels: their inputs end with random cotangents of the outputs ("cotangent", or
 "cotangent_0"/"cotangent_1" for (y, h)), and the audit and the benchmark run them as
-`audit.registry.grad_of(op)`: the forward plus the vjp, as in a training step.
+`_core.specs.grad_of(op)`: the forward plus the vjp, as in a training step.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import warnings
 from collections.abc import Callable
@@ -47,18 +46,6 @@ AUDIT = {
 }
 
 
-@dataclasses.dataclass(frozen=True)
-class NormCase(Case):
-  # Trailing arrays of `make_inputs` that are passed as these keywords (e.g. "residual").
-  array_kwargs: tuple[str, ...] = ()
-
-
-def bind(case: Case, inputs: tuple) -> tuple[tuple, dict]:
-  """Split a case's inputs into (positional args, keyword args) for the public op."""
-  names = getattr(case, "array_kwargs", ())
-  split = len(inputs) - len(names)
-  return tuple(inputs[:split]), {**case.kwargs, **dict(zip(names, inputs[split:]))}
-
 
 def _make_inputs(key, *, rows, width, dtype, kind, residual):
   kx, kw, kb, kr = jax.random.split(key, 4)
@@ -83,10 +70,10 @@ def _floor(width: int, kind: str, rows: int, dtype, residual: bool) -> tuple[flo
           float((streams * rows + vectors) * width * itemsize))
 
 
-def _case(model, width, kind, eps, rows, dtype, residual) -> NormCase:
+def _case(model, width, kind, eps, rows, dtype, residual) -> Case:
   flops, bytes_moved = _floor(width, kind, rows, dtype, residual)
   name = jnp.dtype(dtype).name
-  return NormCase(
+  return Case(
       op="rms_norm" if kind == "rms" else "layer_norm",
       label=f"{model} {kind}_norm d={width} rows={rows} {name}{' +residual' if residual else ''}",
       make_inputs=functools.partial(_make_inputs, rows=rows, width=width, dtype=dtype,
@@ -99,7 +86,7 @@ def _case(model, width, kind, eps, rows, dtype, residual) -> NormCase:
   )
 
 
-CASES: list[NormCase] = [
+CASES: list[Case] = [
     _case(model, width, kind, eps, rows, dtype, residual)
     for model, width, kind, eps in MODELS
     for rows in ROWS
@@ -143,13 +130,13 @@ def _make_grad_inputs(key, *, rows, width, dtype, kind, residual):
   return args + tuple(cotangents)
 
 
-def _grad_case(model, width, kind, eps, rows, dtype, residual) -> NormCase:
+def _grad_case(model, width, kind, eps, rows, dtype, residual) -> Case:
   """`jax.grad` of sum(out * cotangent): forward plus backward, floor = the sum of both."""
   fwd_flops, fwd_bytes = _floor(width, kind, rows, dtype, residual)
   bwd_flops, bwd_bytes = bwd_floor(width, kind, rows, dtype, residual)
   name = jnp.dtype(dtype).name
   cotangents = ("cotangent_0", "cotangent_1") if residual else ("cotangent",)
-  return NormCase(
+  return Case(
       op="rms_norm" if kind == "rms" else "layer_norm",
       label=(f"grad {model} {kind}_norm d={width} rows={rows} {name}"
              f"{' +residual' if residual else ''}"),
@@ -163,7 +150,7 @@ def _grad_case(model, width, kind, eps, rows, dtype, residual) -> NormCase:
   )
 
 
-GRAD_CASES: list[NormCase] = [
+GRAD_CASES: list[Case] = [
     *(_grad_case(model, width, kind, eps, rows, jnp.bfloat16, residual)
       for model, width, kind, eps in MODELS
       for rows in GRAD_ROWS

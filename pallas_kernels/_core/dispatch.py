@@ -16,6 +16,8 @@ from typing import Any
 from pallas_kernels._core import device
 
 IMPL_NAMES = ("xla", "triton", "mosaic")
+# Keyword arguments that configure a Pallas kernel; `call` does not pass them to "xla".
+KERNEL_CONFIG_KWARGS = ("config", "bwd_config")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,4 +88,6 @@ def call(op: str, impl: str | None, interpret: bool,
   chosen = select(op, impl, interpret, candidates, *args, **kwargs)
   if chosen.is_pallas:
     return chosen.fn(*args, interpret=interpret, **kwargs)
-  return chosen.fn(*args, **kwargs)
+  # Tiles, warps and stages mean nothing to XLA: the reference takes no kernel configs.
+  plain = {k: v for k, v in kwargs.items() if k not in KERNEL_CONFIG_KWARGS}
+  return chosen.fn(*args, **plain)

@@ -82,3 +82,16 @@ def test_config_resolution_order(tmp_path):
     assert config.resolve(Cfg, None, tmp_path, key, heuristic) == Cfg(8)
   with pytest.raises(TypeError, match="`config` expected Cfg"):
     config.resolve(Cfg, {"block": 4}, tmp_path, key, heuristic)
+
+
+def test_xla_impl_never_sees_kernel_configs():
+  seen = {}
+
+  def xla(x, **kwargs):
+    seen.update(kwargs)
+    return x
+
+  candidates = [dispatch.Implementation("xla", xla, is_pallas=False)]
+  dispatch.call("op", "xla", False, candidates, jnp.ones(2), config=object(), bwd_config=object(),
+                eps=1e-6)
+  assert seen == {"eps": 1e-6}

@@ -23,14 +23,9 @@ _reference_jit = jax.jit(reference.attention, static_argnames=(
     "causal", "sliding_window", "logit_softcap", "scale"))
 
 
-def _xla(q, k, v, *, config=None, bwd_config=None, **kwargs):
-  del config, bwd_config  # tiles mean nothing to XLA
-  return _reference_jit(q, k, v, **kwargs)
-
-
 IMPLEMENTATIONS = (
     dispatch.Implementation("triton", vjp.attention, refuses=triton_impl.refuses),
-    dispatch.Implementation("xla", _xla, is_pallas=False),
+    dispatch.Implementation("xla", _reference_jit, is_pallas=False),
 )
 
 

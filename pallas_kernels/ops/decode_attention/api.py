@@ -36,15 +36,9 @@ def _reference_jit(q, k_cache, v_cache, lengths, **kwargs):
   return reference.decode_attention(q, k_cache, v_cache, lengths, **kwargs)
 
 
-def _xla(q, k_cache, v_cache, lengths, *, config=None, **kwargs):
-  """The reference as the "xla" implementation; it has no tuning knobs, so `config` is unused."""
-  del config
-  return _reference_jit(q, k_cache, v_cache, lengths, **kwargs)
-
-
 _IMPLS = (
     dispatch.Implementation("triton", triton_impl.decode_attention, refuses=triton_impl.refuses),
-    dispatch.Implementation("xla", _xla, is_pallas=False),
+    dispatch.Implementation("xla", _reference_jit, is_pallas=False),
 )
 
 

@@ -38,9 +38,8 @@ def _product(x, w):
                     precision=jax.lax.Precision.HIGHEST)
 
 
-def matmul(x, w, *, bias=None, activation=None, residual=None, out_dtype=None, config=None):
+def matmul(x, w, *, bias=None, activation=None, residual=None, out_dtype=None):
   """`act(x @ w + bias) + residual`, rounded to `out_dtype` (default x.dtype)."""
-  del config  # the reference has no tuning knobs
   y = _product(x, w)
   if bias is not None:
     y = y + bias.astype(y.dtype)
@@ -50,8 +49,7 @@ def matmul(x, w, *, bias=None, activation=None, residual=None, out_dtype=None, c
   return y.astype(x.dtype if out_dtype is None else out_dtype)
 
 
-def gated_matmul(x, w_gate, w_up, *, activation="silu", config=None):
+def gated_matmul(x, w_gate, w_up, *, activation="silu"):
   """`act(x @ w_gate) * (x @ w_up)` (SwiGLU with silu, GeGLU with gelu), in x.dtype."""
-  del config
   gate = activate(_product(x, w_gate), activation)
   return (gate * _product(x, w_up)).astype(x.dtype)

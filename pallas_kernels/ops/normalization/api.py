@@ -22,21 +22,13 @@ from pallas_kernels.ops.normalization import triton as triton_impl
 from pallas_kernels.ops.normalization.config import NormConfig
 
 
-def _xla(reference_fn):
-  """The reference as the "xla" implementation; it has no tuning knobs, so `config` is unused."""
-  def xla(*args, config=None, **kwargs):
-    del config
-    return reference_fn(*args, **kwargs)
-  return xla
-
-
 _RMS_IMPLS = (
     dispatch.Implementation("triton", triton_impl.rms_norm, refuses=triton_impl.refuses),
-    dispatch.Implementation("xla", _xla(reference.rms_norm), is_pallas=False),
+    dispatch.Implementation("xla", reference.rms_norm, is_pallas=False),
 )
 _LAYER_IMPLS = (
     dispatch.Implementation("triton", triton_impl.layer_norm, refuses=triton_impl.refuses),
-    dispatch.Implementation("xla", _xla(reference.layer_norm), is_pallas=False),
+    dispatch.Implementation("xla", reference.layer_norm, is_pallas=False),
 )
 
 

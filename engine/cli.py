@@ -45,6 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
   g.add_argument("--stop", action="append", help="stop string (repeatable)")
   g.add_argument("--stream", action="store_true", help="print text as it is generated")
   g.add_argument("--dtype", choices=["float32", "bfloat16"], help="model dtype")
+  g.add_argument("--impl", help="kernel implementation for the model (e.g. xla, triton)")
   g.add_argument("--max-batch-size", type=int, default=8)
   g.add_argument("--max-seq-len", type=int, default=2048)
   g.add_argument("--compile-cache", default=DEFAULT_CACHE,
@@ -68,7 +69,7 @@ def main(argv=None, *, llm=None) -> int:
     if llm is None:
       _log(f"loading {args.model} ...")
       llm = LLM(args.model, dtype=args.dtype, max_batch_size=args.max_batch_size,
-                max_seq_len=args.max_seq_len)
+                max_seq_len=args.max_seq_len, impl=args.impl)
     prompts = [_to_prompt(llm, p) for p, _ in requests]
   except (ValueError, OSError) as e:
     _log(f"error: {e}")

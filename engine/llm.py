@@ -370,6 +370,16 @@ class TextStream:
   def __next__(self) -> str:
     return next(self._deltas)
 
+  def close(self) -> None:
+    """Stop early: the request keeps the text so far (finish_reason stays None)."""
+    self._deltas.close()
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc):
+    self.close()
+
 
 def _is_single_prompt(prompts) -> bool:
   if isinstance(prompts, str):

@@ -265,3 +265,20 @@ def test_bad_engine_arguments(tiny):
     LLM("no-such-model")
   with pytest.raises(ValueError, match="`model`"):
     LLM(model)
+
+
+def test_kv_cache_dtype(tiny):
+  model, tokenizer = tiny
+  llm16 = LLM.from_model(model, tokenizer, kv_cache_dtype=jnp.bfloat16, max_batch_size=1,
+                         max_seq_len=MAX_SEQ, decode_steps=4)
+  out = llm16.generate(PROMPTS[0], GREEDY)[0]
+  assert llm16._cache[1].k[0].dtype == jnp.bfloat16
+  assert len(out.token_ids) == 12 and out.finish_reason == "length"
+
+
+def test_stream_can_stop_early(llm):
+  params = SamplingParams(max_tokens=40, temperature=0, ignore_eos=True)
+  with llm.stream(PROMPTS[0], params) as stream:
+    first = next(stream)
+  assert first and stream.output.finish_reason is None
+  assert llm.generate(PROMPTS[0], params)[0].text.startswith(first)  # the engine carries on

@@ -127,8 +127,9 @@ def _and(a, b):
 def _norm_bwd_kernel(dy_ref, h_ref, dh_ref, weight_ref, dx_ref, dw_ref, db_ref, *, eps: float,
                      rows: int, width: int, block_rows: int, block_width: int, programs: int,
                      subtract_mean: bool):
-  # dy_ref, h_ref, dh_ref, dx_ref: [rows, width], read and written in [block_rows, block_width]
-  # tiles; weight_ref: [width]; dw_ref, db_ref: [programs, width] fp32 partial sums.
+  # dy_ref, h_ref, dh_ref, dx_ref: [rows, block_width] blocks of [rows, width] arrays, read and
+  # written in [block_rows, block_width] tiles; weight_ref: [block_width]; dw_ref, db_ref:
+  # [programs, block_width] blocks of [programs, width] fp32 partial sums.
   pid = pl.program_id(0)
   cols = pl.ds(0, block_width)
   # Masks only where a dimension is ragged (shapes are static): a 4096- or 16384-wide row
@@ -209,9 +210,16 @@ def _norm_bwd_rows(dy, h, dh, weight, *, eps: float, kind: str, cfg: config_lib.
   kernel = _bwd_kernel_for(fused, has_bias, eps=eps, rows=rows, width=width,
                            block_rows=block_rows, block_width=block_width, programs=programs,
                            subtract_mean=has_bias)
+  # Every program sees whole arrays, widened to the power-of-two tile width as blocks: the
+  # kernel's [:, 0:block_width] column slices are then in bounds (jax 0.12 checks static
+  # slices against the ref), and the masks keep the padding out of the sums.
+  rows_spec = pl.BlockSpec((rows, block_width), lambda i: (0, 0))
+  partial_spec = pl.BlockSpec((programs, block_width), lambda i: (0, 0))
   outs = pl.pallas_call(
       kernel,
       grid=(programs,),
+      in_specs=[rows_spec] * (2 + fused) + [pl.BlockSpec((block_width,), lambda i: (0,))],
+      out_specs=[rows_spec] + [partial_spec] * (1 + has_bias),
       out_shape=[jax.ShapeDtypeStruct((rows, width), h.dtype)] + [partial] * (1 + has_bias),
       compiler_params=compat.triton_params(cfg.num_warps, cfg.num_stages),
       interpret=interpret,

@@ -18,10 +18,13 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from models import paged_cache
 from models.kv_cache import KVCache
+from models.paged_cache import PagedKVCache
 from pallas_kernels.ops.attention import attention
 from pallas_kernels.ops.decode_attention import decode_attention
 from pallas_kernels.ops.matmul import matmul
+from pallas_kernels.ops.paged_attention import paged_attention
 
 
 class Decoder(nnx.Module):
@@ -119,6 +122,77 @@ class Decoder(nnx.Module):
     logits = self._logits(self._norm(self.final_norm, delta, h)[0])
     return logits, KVCache(k=tuple(new_k), v=tuple(new_v), lengths=positions + 1)
 
+  # ---- paged cache (engine v2): positions and block tables come from the host's allocator
+
+  def init_paged_cache(self, num_pages: int, page_size: int, dtype=None) -> PagedKVCache:
+    c = self.config
+    return PagedKVCache.create(c.num_layers, num_pages, page_size, c.num_kv_heads, c.head_dim,
+                               self.dtype if dtype is None else dtype)
+
+  def paged_prefill(self, tokens: jax.Array, lengths: jax.Array, start: jax.Array,
+                    cache: PagedKVCache, block_tables: jax.Array) -> tuple[jax.Array, PagedKVCache]:
+    """A chunk of each row's prompt against the pages already written (chunked prefill).
+
+    tokens int32 [B, T], row b valid in tokens[b, :lengths[b]] at absolute positions
+    start[b] ..; block_tables int32 [B, P] must cover start + lengths. Only valid tokens are
+    written (padding goes nowhere, so it can never land in a page another sequence shares).
+    Returns the logits float32 [B, vocab] of each row's last valid token, and the cache.
+    """
+    op = f"{self._name}.paged_prefill"
+    _check_tokens(op, "tokens", tokens, ndim=2)
+    batch, seq = tokens.shape
+    for name, x in (("lengths", lengths), ("start", start)):
+      _check_vector(op, name, x, batch)
+    _check_paged(op, cache, block_tables, batch, self.config)
+    positions = start[:, None] + jnp.arange(seq, dtype=jnp.int32)[None, :]
+    valid = jnp.arange(seq)[None, :] < lengths[:, None]
+    slot = paged_cache.slots(block_tables, positions, valid, cache.page_size, cache.num_pages)
+    new_k, new_v = list(cache.k), list(cache.v)
+
+    def attend(layer, q, k, v):
+      new_k[layer] = paged_cache.write(cache.k[layer], k, slot)
+      new_v[layer] = paged_cache.write(cache.v[layer], v, slot)
+      # Prefill is compute-bound: a dense gather of the row's pages costs little next to the
+      # chunk's attention, and lets the (differentiable, tuned) prefill kernel do the work.
+      keys = paged_cache.gather(new_k[layer], block_tables)
+      values = paged_cache.gather(new_v[layer], block_tables)
+      return attention(q.astype(keys.dtype), keys, values, causal=True, q_offset=start,
+                       lengths=start + lengths, sliding_window=self.config.sliding_window,
+                       **self._kernel_args).astype(q.dtype)
+
+    delta, h = self._layers(self._embed(tokens, positions), positions, attend)
+    last = jnp.maximum(lengths - 1, 0)[:, None, None]
+    delta = jnp.take_along_axis(delta, last, axis=1)[:, 0]
+    h = jnp.take_along_axis(h, last, axis=1)[:, 0]
+    logits = self._logits(self._norm(self.final_norm, delta, h)[0])
+    return logits, PagedKVCache(k=tuple(new_k), v=tuple(new_v))
+
+  def paged_decode(self, tokens: jax.Array, positions: jax.Array, cache: PagedKVCache,
+                   block_tables: jax.Array) -> tuple[jax.Array, PagedKVCache]:
+    """One step: tokens int32 [B] at positions int32 [B] -> (logits float32 [B, vocab], cache
+    with their K/V written into the pages block_tables [B, P] name). A padding row points its
+    table at the scratch page."""
+    op = f"{self._name}.paged_decode"
+    _check_tokens(op, "tokens", tokens, ndim=1)
+    batch = tokens.shape[0]
+    _check_vector(op, "positions", positions, batch)
+    _check_paged(op, cache, block_tables, batch, self.config)
+    slot = paged_cache.slots(block_tables, positions, jnp.ones_like(positions, bool),
+                             cache.page_size, cache.num_pages)
+    new_k, new_v = list(cache.k), list(cache.v)
+
+    def attend(layer, q, k, v):
+      new_k[layer] = paged_cache.write(cache.k[layer], k, slot)
+      new_v[layer] = paged_cache.write(cache.v[layer], v, slot)
+      return paged_attention(q.astype(new_k[layer].dtype), new_k[layer], new_v[layer],
+                             block_tables, positions + 1,
+                             sliding_window=self.config.sliding_window,
+                             **self._kernel_args).astype(q.dtype)
+
+    delta, h = self._layers(self._embed(tokens, positions), positions, attend)
+    logits = self._logits(self._norm(self.final_norm, delta, h)[0])
+    return logits, PagedKVCache(k=tuple(new_k), v=tuple(new_v))
+
   @property
   def _kernel_args(self) -> dict:
     return {"impl": self.impl, "interpret": self.interpret}
@@ -169,3 +243,18 @@ def _check_cache(op: str, cache: KVCache, batch: int, config):
     raise ValueError(f"{op}: `cache` expected {config.num_layers} layers of {want} "
                      f"[batch, max_seq_len, kv_heads, head_dim], got {cache.num_layers} layers "
                      f"of {tuple(cache.k[0].shape)}")
+
+
+def _check_paged(op: str, cache: PagedKVCache, block_tables, batch: int, config):
+  if not isinstance(cache, PagedKVCache):
+    raise TypeError(f"{op}: `cache` expected a PagedKVCache, got {type(cache).__name__}")
+  want = (config.num_kv_heads, config.head_dim)
+  if cache.num_layers != config.num_layers or tuple(cache.k[0].shape[2:]) != want:
+    raise ValueError(f"{op}: `cache` expected {config.num_layers} layers of [num_pages, "
+                     f"page_size, {want[0]}, {want[1]}], got {cache.num_layers} layers of "
+                     f"{tuple(cache.k[0].shape)}")
+  if (not hasattr(block_tables, "dtype") or jnp.dtype(block_tables.dtype) != jnp.int32
+      or block_tables.ndim != 2 or block_tables.shape[0] != batch):
+    got = (f"{getattr(block_tables, 'dtype', type(block_tables).__name__)} "
+           f"{tuple(getattr(block_tables, 'shape', ()))}")
+    raise TypeError(f"{op}: `block_tables` expected int32 [{batch}, max_pages], got {got}")

@@ -8,8 +8,10 @@ from pallas_kernels.ops.attention import AttentionBwdConfig, AttentionConfig, at
 from pallas_kernels.ops.decode_attention import DecodeAttentionConfig, decode_attention
 from pallas_kernels.ops.matmul import MatmulConfig, gated_matmul, matmul
 from pallas_kernels.ops.normalization import NormConfig, layer_norm, rms_norm
+from pallas_kernels.ops.paged_attention import PagedAttentionConfig, paged_attention
 
 __all__ = [
-    "attention", "decode_attention", "matmul", "gated_matmul", "rms_norm", "layer_norm",
-    "AttentionConfig", "AttentionBwdConfig", "DecodeAttentionConfig", "MatmulConfig", "NormConfig",
+    "attention", "decode_attention", "paged_attention", "matmul", "gated_matmul", "rms_norm",
+    "layer_norm", "AttentionConfig", "AttentionBwdConfig", "DecodeAttentionConfig",
+    "PagedAttentionConfig", "MatmulConfig", "NormConfig",
 ]

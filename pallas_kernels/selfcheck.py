@@ -20,6 +20,7 @@ from pallas_kernels.ops.attention import reference as attention_ref
 from pallas_kernels.ops.decode_attention import reference as decode_ref
 from pallas_kernels.ops.matmul import reference as matmul_ref
 from pallas_kernels.ops.normalization import reference as norm_ref
+from pallas_kernels.ops.paged_attention import reference as paged_ref
 
 
 def _attention_inputs(key, dtype):
@@ -36,6 +37,15 @@ def _decode_inputs(key, dtype):
   k = testing.random_normal(kk, (2, 300, 3, 64), dtype)
   v = testing.random_normal(kv, (2, 300, 3, 64), dtype)
   return (q, k, v, jnp.array([300, 123], jnp.int32)), {}
+
+
+def _paged_inputs(key, dtype):
+  """The same sizes as _decode_inputs, in 16-row pages of a shuffled pool with 3 spare pages."""
+  kq, kk, kv, kp = jax.random.split(key, 4)
+  pool = (41, 16, 3, 64)
+  tables = jax.random.permutation(kp, pool[0])[:38].reshape(2, 19).astype(jnp.int32)
+  return (testing.random_normal(kq, (2, 9, 64), dtype), testing.random_normal(kk, pool, dtype),
+          testing.random_normal(kv, pool, dtype), tables, jnp.array([300, 123], jnp.int32)), {}
 
 
 def _matmul_inputs(key, dtype):
@@ -68,6 +78,7 @@ def _layer_norm_inputs(key, dtype):
 CHECKS = (
     ("attention", pk.attention, attention_ref.attention, _attention_inputs, 100),
     ("decode_attention", pk.decode_attention, decode_ref.decode_attention, _decode_inputs, 300),
+    ("paged_attention", pk.paged_attention, paged_ref.paged_attention, _paged_inputs, 304),
     ("matmul", pk.matmul, matmul_ref.matmul, _matmul_inputs, 96),
     ("gated_matmul", pk.gated_matmul, matmul_ref.gated_matmul, _gated_inputs, 96),
     ("rms_norm", pk.rms_norm, norm_ref.rms_norm, _norm_inputs, 576),

@@ -25,6 +25,7 @@ from pallas_kernels._core.specs import Case, grad_of
 OP_FOLDERS: dict[str, str] = {
     "attention": "attention",
     "decode_attention": "decode_attention",
+    "paged_attention": "paged_attention",
     "matmul": "matmul",
     "gated_matmul": "matmul",
     "rms_norm": "normalization",

@@ -62,6 +62,81 @@ def _and(a, b):
   return a if b is None else a & b
 
 
+def load_group_queries(q_ref, *, group: int, head_dim: int):
+  """q `[group_rows, head_pad]` with zeros in the padding, and the masks of its valid rows,
+  columns and elements (each None when nothing is padded)."""
+  group_rows, head_pad = q_ref.shape
+  row_mask = _prefix_mask(group_rows, group)
+  col_mask = _prefix_mask(head_pad, head_dim)
+  q_mask = _and(None if row_mask is None else row_mask[:, None],
+                None if col_mask is None else col_mask[None, :])
+  q = plgpu.load(q_ref, mask=q_mask, other=0.0 if q_mask is not None else None)
+  return q, row_mask, col_mask, q_mask
+
+
+def split_blocks(length, capacity: int, *, sliding_window: int | None, block_k: int,
+                 num_splits: int):
+  """The visible key rows [lo, hi) and the blocks [start, stop) of them this split owns."""
+  hi = jnp.clip(length, 0, capacity)
+  lo = jnp.int32(0) if sliding_window is None else jnp.maximum(hi - sliding_window, 0)
+  first_block = lo // block_k
+  num_blocks = jnp.maximum(pl.cdiv(hi, block_k) - first_block, 0)
+  blocks_per_split = pl.cdiv(num_blocks, num_splits)
+  start = jnp.minimum(first_block + pl.program_id(2) * blocks_per_split,
+                      first_block + num_blocks)
+  stop = jnp.minimum(start + blocks_per_split, first_block + num_blocks)
+  return lo, hi, start, stop
+
+
+def empty_partials(group_rows: int, head_pad: int):
+  """The online softmax's (acc, m, l) before any block: a split left empty writes these."""
+  return (jnp.zeros((group_rows, head_pad), jnp.float32),
+          jnp.full((group_rows,), -jnp.inf, jnp.float32),
+          jnp.zeros((group_rows,), jnp.float32))
+
+
+def partial_outputs(partial_shape: tuple[int, ...], *, group_rows: int, head_dim: int,
+                    head_pad: int):
+  """out_specs and out_shape of the split kernel's (o, m, l) over grid (batch, kv_head, split);
+  partial_shape is (batch, num_kv_heads, num_splits, group)."""
+  out_specs = [
+      pl.BlockSpec((None, None, None, group_rows, head_pad), lambda b, h, s: (b, h, s, 0, 0)),
+      pl.BlockSpec((None, None, None, group_rows), lambda b, h, s: (b, h, s, 0)),
+      pl.BlockSpec((None, None, None, group_rows), lambda b, h, s: (b, h, s, 0)),
+  ]
+  out_shape = [
+      jax.ShapeDtypeStruct((*partial_shape, head_dim), jnp.float32),
+      jax.ShapeDtypeStruct(partial_shape, jnp.float32),
+      jax.ShapeDtypeStruct(partial_shape, jnp.float32),
+  ]
+  return out_specs, out_shape
+
+
+def attend_block(q, k, load_v, visible, carry, *, scale: float, logit_softcap: float | None):
+  """One key block of the online softmax; also the paged kernel's (its K/V come from pages).
+
+  q `[group_rows, head_pad]`, k `[block_k, head_pad]` (invisible rows already zero: loaded
+  masked); `load_v()` loads the V tile, called after the scores as the kernel always did (the
+  order its audit figures were measured with); visible `[block_k]`, with at least one True.
+  carry (acc, m, l) -> the new one.
+  """
+  acc, m, l = carry
+  s = lax.dot_general(q, k, (((1,), (1,)), ((), ())),
+                      preferred_element_type=jnp.float32)  # [group_rows, block_k]
+  s = s * scale
+  if logit_softcap is not None:
+    s = logit_softcap * jnp.tanh(s / logit_softcap)
+  s = jnp.where(visible[None, :], s, -jnp.inf)
+  m_new = jnp.maximum(m, jnp.max(s, axis=1))  # finite: the block has a visible key
+  alpha = jnp.exp(m - m_new)                 # exp(-inf) = 0 on the first block
+  p = jnp.exp(s - m_new[:, None])
+  l = alpha * l + jnp.sum(p, axis=1)
+  v = load_v()                               # [block_k, head_pad]
+  pv = lax.dot_general(p.astype(v.dtype), v, (((1,), (0,)), ((), ())),
+                       preferred_element_type=jnp.float32)  # [group_rows, head_pad]
+  return alpha[:, None] * acc + pv, m_new, l
+
+
 def _decode_kernel(lengths_ref, q_ref, k_ref, v_ref, o_ref, m_ref, l_ref, *,
                    scale: float, logit_softcap: float | None, sliding_window: int | None,
                    block_k: int, num_splits: int, group: int, head_dim: int, max_len: int):
@@ -71,24 +146,11 @@ def _decode_kernel(lengths_ref, q_ref, k_ref, v_ref, o_ref, m_ref, l_ref, *,
   # o_ref:       [group_rows, head_pad]    unnormalized partial output of this split
   # m_ref/l_ref: [group_rows]              running max / running sum of this split
   group_rows, head_pad = q_ref.shape
-  split = pl.program_id(2)
-  row_mask = _prefix_mask(group_rows, group)
-  col_mask = _prefix_mask(head_pad, head_dim)
-  q_mask = _and(None if row_mask is None else row_mask[:, None],
-                None if col_mask is None else col_mask[None, :])
-  q = plgpu.load(q_ref, mask=q_mask, other=0.0 if q_mask is not None else None)
-
-  # The visible key rows [lo, hi) and the blocks of them this split owns.
-  hi = jnp.clip(lengths_ref[()], 0, max_len)
-  lo = jnp.int32(0) if sliding_window is None else jnp.maximum(hi - sliding_window, 0)
-  first_block = lo // block_k
-  num_blocks = jnp.maximum(pl.cdiv(hi, block_k) - first_block, 0)
-  blocks_per_split = pl.cdiv(num_blocks, num_splits)
-  start = jnp.minimum(first_block + split * blocks_per_split, first_block + num_blocks)
-  stop = jnp.minimum(start + blocks_per_split, first_block + num_blocks)
+  q, row_mask, col_mask, q_mask = load_group_queries(q_ref, group=group, head_dim=head_dim)
+  lo, hi, start, stop = split_blocks(lengths_ref[()], max_len, sliding_window=sliding_window,
+                                     block_k=block_k, num_splits=num_splits)
 
   def body(block, carry):
-    acc, m, l = carry
     pos = block * block_k + jnp.arange(block_k)
     visible = (pos >= lo) & (pos < hi)  # [block_k]; every loaded block has one visible key
     kv_mask = _and(visible[:, None], None if col_mask is None else col_mask[None, :])
@@ -96,25 +158,10 @@ def _decode_kernel(lengths_ref, q_ref, k_ref, v_ref, o_ref, m_ref, l_ref, *,
     # Masked loads: rows outside [lo, hi) are never read, so NaN or stale data there cannot
     # leak (0 * NaN would), and the last block may run past max_len.
     k = plgpu.load(k_ref.at[rows], mask=kv_mask, other=0.0)  # [block_k, head_pad]
-    s = lax.dot_general(q, k, (((1,), (1,)), ((), ())),
-                        preferred_element_type=jnp.float32)  # [group_rows, block_k]
-    s = s * scale
-    if logit_softcap is not None:
-      s = logit_softcap * jnp.tanh(s / logit_softcap)
-    s = jnp.where(visible[None, :], s, -jnp.inf)
-    m_new = jnp.maximum(m, jnp.max(s, axis=1))  # finite: the block has a visible key
-    alpha = jnp.exp(m - m_new)                 # exp(-inf) = 0 on the first block
-    p = jnp.exp(s - m_new[:, None])
-    l = alpha * l + jnp.sum(p, axis=1)
-    v = plgpu.load(v_ref.at[rows], mask=kv_mask, other=0.0)  # [block_k, head_pad]
-    pv = lax.dot_general(p.astype(v.dtype), v, (((1,), (0,)), ((), ())),
-                         preferred_element_type=jnp.float32)  # [group_rows, head_pad]
-    return alpha[:, None] * acc + pv, m_new, l
+    load_v = lambda: plgpu.load(v_ref.at[rows], mask=kv_mask, other=0.0)
+    return attend_block(q, k, load_v, visible, carry, scale=scale, logit_softcap=logit_softcap)
 
-  acc = jnp.zeros((group_rows, head_pad), jnp.float32)
-  m = jnp.full((group_rows,), -jnp.inf, jnp.float32)
-  l = jnp.zeros((group_rows,), jnp.float32)
-  acc, m, l = lax.fori_loop(start, stop, body, (acc, m, l))
+  acc, m, l = lax.fori_loop(start, stop, body, empty_partials(group_rows, head_pad))
 
   plgpu.store(o_ref, acc, mask=q_mask)
   plgpu.store(m_ref, m, mask=row_mask)
@@ -153,7 +200,9 @@ def _forward(q, k_cache, v_cache, lengths, *, scale: float, sliding_window: int 
       block_k=config.block_k, num_splits=num_splits, group=group, head_dim=head_dim,
       max_len=max_len)
   qg = q.reshape(batch, num_kv_heads, group, head_dim)
-  partial_shape = (batch, num_kv_heads, num_splits, group)
+  out_specs, out_shape = partial_outputs((batch, num_kv_heads, num_splits, group),
+                                        group_rows=group_rows, head_dim=head_dim,
+                                        head_pad=head_pad)
   o, m, l = pl.pallas_call(
       kernel,
       grid=(batch, num_kv_heads, num_splits),
@@ -163,16 +212,8 @@ def _forward(q, k_cache, v_cache, lengths, *, scale: float, sliding_window: int 
           pl.BlockSpec((None, max_len, None, head_pad), lambda b, h, s: (b, 0, h, 0)),
           pl.BlockSpec((None, max_len, None, head_pad), lambda b, h, s: (b, 0, h, 0)),
       ],
-      out_specs=[
-          pl.BlockSpec((None, None, None, group_rows, head_pad), lambda b, h, s: (b, h, s, 0, 0)),
-          pl.BlockSpec((None, None, None, group_rows), lambda b, h, s: (b, h, s, 0)),
-          pl.BlockSpec((None, None, None, group_rows), lambda b, h, s: (b, h, s, 0)),
-      ],
-      out_shape=[
-          jax.ShapeDtypeStruct((*partial_shape, head_dim), jnp.float32),
-          jax.ShapeDtypeStruct(partial_shape, jnp.float32),
-          jax.ShapeDtypeStruct(partial_shape, jnp.float32),
-      ],
+      out_specs=out_specs,
+      out_shape=out_shape,
       compiler_params=compat.triton_params(config.num_warps, config.num_stages),
       interpret=interpret,
       name="decode_attention_split",

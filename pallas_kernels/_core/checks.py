@@ -78,6 +78,20 @@ def positive_float(op: str, name: str, value, *, allow_none: bool = True) -> Non
                      f"got {value!r}")
 
 
+def config_type(op: str, config, cls: type, name: str = "config") -> None:
+  """An explicit kernel config must be the op's own config class (or None: resolved later)."""
+  if config is not None and not isinstance(config, cls):
+    raise TypeError(f"{op}: `{name}` expected {cls.__name__} or None, "
+                    f"got {type(config).__name__}")
+
+
+def decode_options(op: str, scale, sliding_window, logit_softcap) -> None:
+  """The scalar options every decode-attention op shares."""
+  positive_float(op, "scale", scale)
+  positive_int(op, "sliding_window", sliding_window)
+  positive_float(op, "logit_softcap", logit_softcap)
+
+
 def choice(op: str, name: str, value, options: tuple) -> None:
   if value not in options:
     raise ValueError(f"{op}: `{name}` expected one of {options}, got {value!r}")

@@ -62,9 +62,7 @@ def attention(q, k, v, *, causal: bool = True, lengths=None, q_offset=None,
   """
   _check(q, k, v, causal=causal, lengths=lengths, q_offset=q_offset,
          sliding_window=sliding_window, logit_softcap=logit_softcap, scale=scale)
-  if bwd_config is not None and not isinstance(bwd_config, AttentionBwdConfig):
-    raise TypeError(f"{OP}: `bwd_config` expected AttentionBwdConfig, "
-                    f"got {type(bwd_config).__name__}")
+  checks.config_type(OP, bwd_config, AttentionBwdConfig, "bwd_config")
   if q.shape[1] == 0 or k.shape[1] == 0:  # no queries, or no key for any of them
     return jnp.zeros(q.shape, q.dtype)
   return dispatch.call(OP, impl, interpret, IMPLEMENTATIONS, q, k, v, causal=causal,

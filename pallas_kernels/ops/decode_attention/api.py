@@ -60,12 +60,8 @@ def _check(q, k_cache, v_cache, lengths, scale, sliding_window, logit_softcap, c
     raise ValueError(f"{OP}: `q` expected num_heads a multiple of num_kv_heads = {num_kv_heads} "
                      f"(k_cache.shape[2]), got num_heads = {num_heads}")
   checks.int_vector(OP, "lengths", lengths, batch)
-  checks.positive_float(OP, "scale", scale)
-  checks.positive_int(OP, "sliding_window", sliding_window)
-  checks.positive_float(OP, "logit_softcap", logit_softcap)
-  if config is not None and not isinstance(config, DecodeAttentionConfig):
-    raise TypeError(f"{OP}: `config` expected DecodeAttentionConfig or None, "
-                    f"got {type(config).__name__}")
+  checks.decode_options(OP, scale, sliding_window, logit_softcap)
+  checks.config_type(OP, config, DecodeAttentionConfig)
 
 
 def decode_attention(q, k_cache, v_cache, lengths, *, scale: float | None = None,

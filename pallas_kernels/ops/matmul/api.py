@@ -44,8 +44,7 @@ def _check_weight(op: str, name: str, w, x) -> None:
 
 
 def _check_config(op: str, config) -> None:
-  if config is not None and not isinstance(config, MatmulConfig):
-    raise TypeError(f"{op}: `config` expected MatmulConfig or None, got {type(config).__name__}")
+  checks.config_type(op, config, MatmulConfig)
 
 
 def _check_activation(op: str, activation) -> None:

@@ -50,8 +50,7 @@ def _check(op: str, x, vectors: dict, residual, eps, config) -> None:
     named.append(("residual", residual))
   checks.same_dtype(op, ("x", *(n for n, _ in named)), (x, *(v for _, v in named)))
   checks.positive_float(op, "eps", eps, allow_none=False)
-  if config is not None and not isinstance(config, NormConfig):
-    raise TypeError(f"{op}: `config` expected NormConfig or None, got {type(config).__name__}")
+  checks.config_type(op, config, NormConfig)
 
 
 def rms_norm(x, weight, *, eps: float = 1e-6, residual=None, impl: str | None = None,

@@ -82,12 +82,8 @@ def _check(q, k_pages, v_pages, block_tables, lengths, scale, sliding_window, lo
   _check_pages(q, k_pages, v_pages)
   _check_table(block_tables, q.shape[0])
   checks.int_vector(OP, "lengths", lengths, q.shape[0])
-  checks.positive_float(OP, "scale", scale)
-  checks.positive_int(OP, "sliding_window", sliding_window)
-  checks.positive_float(OP, "logit_softcap", logit_softcap)
-  if config is not None and not isinstance(config, PagedAttentionConfig):
-    raise TypeError(f"{OP}: `config` expected PagedAttentionConfig or None, "
-                    f"got {type(config).__name__}")
+  checks.decode_options(OP, scale, sliding_window, logit_softcap)
+  checks.config_type(OP, config, PagedAttentionConfig)
 
 
 def paged_attention(q, k_pages, v_pages, block_tables, lengths, *, scale: float | None = None,

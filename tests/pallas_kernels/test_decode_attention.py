@@ -158,6 +158,51 @@ def test_poisoned_slots_do_not_leak(impl_mode):
   testing.assert_close(out, ref, q.dtype)
 
 
+def _numpy_decode(q, k, v, lengths, sliding_window=None):
+  """Own float64 decode attention over each row's visible rows only (never touches the rest)."""
+  q, k, v = (np.asarray(x, np.float64) for x in (q, k, v))
+  batch, num_heads, head_dim = q.shape
+  group = num_heads // k.shape[2]
+  out = np.zeros((batch, num_heads, head_dim))
+  for b, length in enumerate(np.clip(np.asarray(lengths), 0, k.shape[1])):
+    lo = 0 if sliding_window is None else max(length - sliding_window, 0)
+    if length == 0:
+      continue
+    kk = np.repeat(k[b, lo:length], group, axis=1)  # [rows, num_heads, head_dim]
+    vv = np.repeat(v[b, lo:length], group, axis=1)
+    s = np.einsum("hd,thd->ht", q[b], kk) / np.sqrt(head_dim)
+    p = np.exp(s - s.max(-1, keepdims=True))
+    out[b] = np.einsum("ht,thd->hd", p / p.sum(-1, keepdims=True), vv)
+  return out
+
+
+@pytest.mark.parametrize("num_kv_heads", [2, reference._MAX_BLOCK_DIAGONAL_KV_HEADS + 1],
+                         ids=["block-diagonal", "multiply-reduce"])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64], ids=["fp32", "fp64"])
+def test_xla_paths_poisoned_against_numpy(num_kv_heads, dtype):
+  """The "xla" reference has two contraction strategies (by num_kv_heads) and reads the raw
+  caches (V is masked only when `p @ v` comes out non-finite). Each against an independent
+  numpy evaluation, with NaN / inf / 1e30 outside the visible rows, an empty row, a clamped
+  length; float64 inputs are computed in float64 (the oracle's contract)."""
+  with jax.enable_x64(dtype == jnp.float64):
+    q, k, v = _inputs(12, 4, 2 * num_kv_heads, num_kv_heads, 64, 40, dtype)
+    lengths, window = np.array([33, 6, 0, 99], np.int32), 17
+    pos = np.arange(40)[None, :, None, None]
+    hi = np.minimum(lengths, 40)[:, None, None, None]
+    outside = (pos < hi - window) | (pos >= hi)
+    poison = np.select([pos % 3 == 0, pos % 3 == 1], [np.nan, np.inf], 1e30)
+    k_bad = jnp.asarray(np.where(outside, poison, np.asarray(k)))
+    v_bad = jnp.asarray(np.where(outside, -poison, np.asarray(v)))
+    # The public op takes no float64: the oracle is the reference function itself.
+    fn = (_oracle if dtype == jnp.float64 else functools.partial(decode_attention, impl="xla"))
+    out = fn(q, k_bad, v_bad, jnp.asarray(lengths), sliding_window=window)
+    assert out.dtype == dtype
+    ref = _numpy_decode(q, k, v, lengths, sliding_window=window)
+    out = np.asarray(out, np.float64)
+    np.testing.assert_array_equal(out[2], 0)
+    np.testing.assert_allclose(out, ref, rtol=0, atol=1e-12 if dtype == jnp.float64 else 1e-5)
+
+
 def test_jit_of_vmap_over_layers(impl_mode):
   """jit(vmap(...)) over a leading layer axis with lengths shared: each layer equals its own
   reference. The default (heuristic) config: block_k 128 > max_len 48, one partial block."""

@@ -5,11 +5,19 @@ copy bandwidth (model bandwidth utilisation, every device).
   python -m engine.bench                                  # default: a few minutes on a 2-core CPU
   python -m engine.bench --hf-python .venv-hf/bin/python  # + transformers in that interpreter
   python -m engine.bench --batch-sizes 1,2,4,8,16,32 --workloads 128:128,512:64,1024:256
+  python -m engine.bench --suite paged --quick            # engine v2 vs v1, CPU-sized
+  python -m engine.bench --suite paged --dtype bfloat16   # the full trace (a GPU)
+
+Suites: `fixed` (the default; the table below), `paged` (engine v2: sequences in flight and
+throughput at the same KV memory as v1 static batching, prefill saved by the prefix cache; see
+engine/bench_paged.py), `all`. Each suite rewrites its own part of the report and keeps the
+other's.
 
 A workload is P:N = P prompt tokens (random ids, the same for both engines), exactly N new tokens
 (greedy, ignore_eos) per row, B rows in one batch. Each configuration runs once untimed, then
 --repeats timed runs (median reported). Engine and transformers alternate per configuration, so
-both see the same machine load. Results: bench/results/engine-<device>.json and .md.
+both see the same machine load. Results: bench/results/engine-<device>.json and .md (the paged
+suite's under the "paged" key and the second section).
 
 Metrics. TTFT: from the generate call to the first token of the batch on the host. Decode
 tokens/s: B * (N - 1) / (last token time - first token time). Throughput: B * N / wall time.
@@ -29,6 +37,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+from engine import bench_paged
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_WORKLOADS = "128:128"
@@ -167,8 +177,34 @@ def gguf_path(model: str) -> str | None:
 
 
 def main(argv=None) -> int:
+  args = _parser().parse_args(argv)
+  import jax
+  import models
+  from engine.cli import enable_compile_cache
+  if args.compile_cache:
+    enable_compile_cache(args.compile_cache)
+  device = jax.devices()[0]
+  _log(f"device: {device.device_kind} ({device.platform}); loading {args.model} ...")
+  model, tokenizer = models.load(args.model, dtype=args.dtype)
+  command = "python -m engine.bench " + " ".join(argv if argv is not None else sys.argv[1:])
+  out = Path(args.out)
+  # Each suite replaces its own part of the device's report and keeps the other's.
+  result = _previous(out, device.device_kind) or {"device": device.device_kind,
+                                                   "platform": device.platform}
+  if args.suite in ("fixed", "all"):
+    result.update(fixed_suite(model, tokenizer, args, device, command))
+  if args.suite in ("paged", "all"):
+    result["paged"] = paged_suite(model, tokenizer, args, device, command)
+  _write(result, out)
+  return 0
+
+
+def _parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(prog="python -m engine.bench", description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--suite", default="fixed", choices=["fixed", "paged", "all"],
+                      help="fixed: the batch x workload table (vs transformers with --hf-python); "
+                           "paged: the engine v2 benchmarks (engine/bench_paged.py); all: both")
   parser.add_argument("--model", default="smollm2-135m")
   parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
   parser.add_argument("--batch-sizes", default=DEFAULT_BATCHES)
@@ -178,23 +214,28 @@ def main(argv=None) -> int:
   parser.add_argument("--repeats", type=int, default=1, help="timed runs per configuration")
   parser.add_argument("--decode-steps", type=int, default=16, help="decode steps per dispatch")
   parser.add_argument("--hf-python", help="interpreter with torch + transformers (CPU baseline)")
+  paged = parser.add_argument_group("paged suite")
+  paged.add_argument("--quick", action="store_true",
+                     help="CPU-sized settings: shorter and fewer requests, a smaller KV budget")
+  paged.add_argument("--num-requests", type=int, help="requests in the trace")
+  paged.add_argument("--prefix-requests", type=int, help="requests sharing the system prompt")
+  paged.add_argument("--seed", type=int, default=0, help="seed of the traces")
   parser.add_argument("--out", default=str(REPO / "bench" / "results"))
   parser.add_argument("--compile-cache", default=os.path.join(os.path.expanduser("~"), ".cache",
                                                               "pallax", "jax"))
-  args = parser.parse_args(argv)
+  return parser
 
+
+def fixed_suite(model, tokenizer, args, device, command: str) -> dict:
+  """The batch x workload table: the engine (its default, v2) on fixed batches of equal
+  requests, beside transformers when --hf-python is given."""
   import jax
   from engine import LLM
-  from engine.cli import enable_compile_cache
-  if args.compile_cache:
-    enable_compile_cache(args.compile_cache)
   configs = parse_configs(args.batch_sizes, args.workloads, args.extra)
   max_batch = max(c.batch for c in configs)
   max_seq = 1 << (max(c.prompt_len + c.new_tokens for c in configs) - 1).bit_length()
-  device = jax.devices()[0]
-  _log(f"device: {device.device_kind} ({device.platform}); loading {args.model} ...")
-  llm = LLM(args.model, dtype=args.dtype, max_batch_size=max_batch, max_seq_len=max_seq,
-            decode_steps=args.decode_steps)
+  llm = LLM.from_model(model, tokenizer, max_batch_size=max_batch, max_seq_len=max_seq,
+                       decode_steps=args.decode_steps)
   hf = None
   if args.hf_python:
     path = gguf_path(args.model)
@@ -213,15 +254,32 @@ def main(argv=None) -> int:
   finally:
     if hf:
       hf.close()
-  result = {"device": device.device_kind, "platform": device.platform, "model": args.model,
-            "dtype": args.dtype, "decode_steps": args.decode_steps,
-            "copy_bandwidth_gb_s": copy_bw / 1e9, "host": platform.node(),
-            "cpus": os.cpu_count(), "jax": jax.__version__, "hf": hf.info if hf else None,
-            "command": "python -m engine.bench " + " ".join(argv if argv is not None
-                                                             else sys.argv[1:]),
-            "date": time.strftime("%Y-%m-%d %H:%M:%S"), "results": rows}
-  _write(result, Path(args.out))
-  return 0
+  return {"device": device.device_kind, "platform": device.platform, "model": args.model,
+          "dtype": args.dtype, "decode_steps": args.decode_steps,
+          "copy_bandwidth_gb_s": copy_bw / 1e9, "host": platform.node(),
+          "cpus": os.cpu_count(), "jax": jax.__version__, "hf": hf.info if hf else None,
+          "command": command, "date": time.strftime("%Y-%m-%d %H:%M:%S"), "results": rows}
+
+
+def paged_settings(args) -> bench_paged.Settings:
+  s = bench_paged.QUICK if args.quick else bench_paged.Settings()
+  changes = {"decode_steps": args.decode_steps, "seed": args.seed}
+  if args.num_requests:
+    changes["num_requests"] = args.num_requests
+  if args.prefix_requests:
+    changes["prefix_requests"] = args.prefix_requests
+  return dataclasses.replace(s, **changes)
+
+
+def paged_suite(model, tokenizer, args, device, command: str) -> dict:
+  """The engine v2 benchmarks (memory, prefix reuse, throughput): engine/bench_paged.py."""
+  import jax
+  meta = {"command": command, "date": time.strftime("%Y-%m-%d %H:%M:%S"), "jax": jax.__version__,
+          "device": device.device_kind, "cpus": os.cpu_count(), "host": platform.node(),
+          "model": args.model, "dtype": args.dtype, "quick": args.quick,
+          "load_avg_1m_start": os.getloadavg()[0]}
+  report = bench_paged.run(model, tokenizer, paged_settings(args), log=_log)
+  return {**meta, **report, "load_avg_1m_end": os.getloadavg()[0]}
 
 
 def _measure(llm, hf, config: Config, repeats: int, copy_bw: float) -> dict:
@@ -269,15 +327,33 @@ def _line(row) -> str:
   return s
 
 
+def _stem(device_kind: str) -> str:
+  return "engine-" + device_kind.lower().replace(" ", "-").replace("/", "-")
+
+
+def _previous(out: Path, device_kind: str) -> dict | None:
+  path = out / f"{_stem(device_kind)}.json"
+  return json.loads(path.read_text()) if path.exists() else None
+
+
 def _write(result: dict, out: Path) -> None:
   out.mkdir(parents=True, exist_ok=True)
-  stem = "engine-" + result["device"].lower().replace(" ", "-").replace("/", "-")
+  stem = _stem(result["device"])
   (out / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
   (out / f"{stem}.md").write_text(markdown(result))
   _log(f"wrote {out / stem}.json and .md")
 
 
 def markdown(result: dict) -> str:
+  """The fixed suite's table (when it has run), then the paged suite's section (when it has)."""
+  text = fixed_markdown(result) if "results" in result else (
+      f"# Engine benchmark on {result['device']}\n\n")
+  if "paged" in result:
+    text += "\n" + bench_paged.markdown(result["paged"])
+  return text
+
+
+def fixed_markdown(result: dict) -> str:
   hf = result["hf"] is not None
   lines = [f"# Engine benchmark: {result['model']} {result['dtype']} on {result['device']}", "",
            f"`{result['command']}`, {result['date']}, jax {result['jax']}, "
@@ -295,7 +371,9 @@ def markdown(result: dict) -> str:
     cells = [r["batch"], r["prompt_len"], r["new_tokens"], f"{r['load_avg_1m']:.1f}",
              f"{e['ttft_ms']:.0f}", f"{e['decode_tokens_per_s']:.1f}", f"{e['step_ms']:.1f}",
              f"{e['throughput_tokens_per_s']:.1f}", f"{e.get('mbu', 0):.0%}"]
-    if hf:
+    if hf and "transformers" not in r:  # a row measured without the transformers worker
+      cells += ["–"] * 6
+    elif hf:
       t = r["transformers"]
       target = TARGETS.get(r["batch"])
       verdict = ("" if target is None or r["prompt_len"] != 128 else

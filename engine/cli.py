@@ -48,6 +48,13 @@ def build_parser() -> argparse.ArgumentParser:
   g.add_argument("--impl", help="kernel implementation for the model (e.g. xla, triton)")
   g.add_argument("--max-batch-size", type=int, default=8)
   g.add_argument("--max-seq-len", type=int, default=2048)
+  g.add_argument("--page-size", type=int, default=16,
+                 help="tokens per KV page (engine v2); 0 = engine v1, static batches")
+  g.add_argument("--num-pages", type=int,
+                 help="KV pages in the pool (default: max-batch-size x max-seq-len tokens)")
+  g.add_argument("--no-prefix-caching", action="store_true", help="do not share prompt pages")
+  g.add_argument("--max-num-batched-tokens", type=int, default=512,
+                 help="prompt tokens prefilled per step (engine v2)")
   g.add_argument("--compile-cache", default=DEFAULT_CACHE,
                  help="directory of jax's persistent compilation cache ('' = off)")
   return parser
@@ -69,7 +76,9 @@ def main(argv=None, *, llm=None) -> int:
     if llm is None:
       _log(f"loading {args.model} ...")
       llm = LLM(args.model, dtype=args.dtype, max_batch_size=args.max_batch_size,
-                max_seq_len=args.max_seq_len, impl=args.impl)
+                max_seq_len=args.max_seq_len, impl=args.impl, page_size=args.page_size or None,
+                num_pages=args.num_pages, enable_prefix_caching=not args.no_prefix_caching,
+                max_num_batched_tokens=args.max_num_batched_tokens)
     prompts = [_to_prompt(llm, p) for p, _ in requests]
   except (ValueError, OSError) as e:
     _log(f"error: {e}")

@@ -1,9 +1,20 @@
-"""`LLM`: generate, stream and chat over a `models.load` model, batch by batch.
+"""`LLM`: generate, stream and chat over a `models.load` model.
 
-A batch of up to `max_batch_size` requests runs as: one prefill program (prompt -> cache and the
-first sampled token), then decode chunks of `decode_steps` steps each. The host keeps one chunk in
-flight ahead of the one it reads, so detokenization and stop-string checks overlap the device. Each
-program is compiled once per bucket (engine.buckets) and kept; `warmup()` compiles them up front.
+Engine v2 (the default, `page_size=16`): a page pool shared by all requests (engine.paging),
+continuous batching (engine.scheduler): requests join and leave between steps, prompts are
+prefilled in chunks beside the running decodes, and the newest request is preempted (and later
+recomputed) when pages run out. Each step dispatches the prefill chunks (a program per group of
+similar lengths) and one decode chunk of `decode_steps` steps (engine.paged_steps), then reads
+the previous step's outputs, so one step is always in flight while the host detokenizes.
+`add_request` / `step` / `abort` drive it directly; `generate` and `stream` run it until their
+requests end.
+
+Engine v1 (`page_size=None`): static batches of up to `max_batch_size` requests, each one prefill
+program (prompt -> contiguous cache and the first sampled token), then decode chunks of
+`decode_steps` steps, one chunk in flight ahead of the one read. Kept for comparison.
+
+Each program is compiled once per bucket (engine.buckets) and kept; `warmup()` compiles them up
+front.
 
 Bad input. `SamplingParams(...)` raises ValueError on a bad field when it is made. A request's own
 problems (empty prompt, too long, token ids out of the vocabulary) raise ValueError when it is the
@@ -16,6 +27,7 @@ room left, and the request ends with finish_reason "length".
 from __future__ import annotations
 
 import collections
+import dataclasses
 import numbers
 import threading
 import time
@@ -26,11 +38,15 @@ import numpy as np
 
 from engine import batch as batching
 from engine import buckets as buckets_lib
+from engine import paged_steps
 from engine import sampling
 from engine import steps
 from engine.detok import Detokenizer
 from engine.outputs import RequestOutput
+from engine.paging import BlockManager
 from engine.params import MAX_LOGPROBS, SamplingParams
+from engine.scheduler import FINISHED, Scheduler
+from engine.scheduler import Sequence as SchedSequence
 
 DEFAULT_MODEL = "smollm2-135m"
 
@@ -41,12 +57,24 @@ class LLM:
   The KV cache takes the model's dtype unless `kv_cache_dtype` says otherwise. `max_seq_len`
   bounds prompt + generated tokens of one request. `decode_steps` is the number of decode steps
   per dispatch (and the streaming granularity). `seed` seeds the keys of requests without one.
+
+  Paging (engine v2): `page_size` tokens per page (None: engine v1, contiguous static batches);
+  `num_pages` in the pool, page 0 being scratch (default: room for max_batch_size x max_seq_len
+  tokens; a smaller pool queues and preempts, and serves every request whose prompt fits in it);
+  `enable_prefix_caching` shares the full pages of common prompt prefixes; at most
+  `max_num_batched_tokens` prompt tokens are prefilled per step (longer prompts take several).
+  `max_batch_size` is the number of requests running at once.
   """
 
   def __init__(self, model: str = DEFAULT_MODEL, *, dtype=None, kv_cache_dtype=None,
                max_batch_size: int = 8, max_seq_len: int = 2048, impl: str | None = None,
-               decode_steps: int = 16, seed: int = 0):
-    _check_limits(max_batch_size, max_seq_len, decode_steps)
+               decode_steps: int = 16, seed: int = 0, page_size: int | None = 16,
+               num_pages: int | None = None, enable_prefix_caching: bool = True,
+               max_num_batched_tokens: int = 512):
+    paging = dict(page_size=page_size, num_pages=num_pages,
+                  enable_prefix_caching=enable_prefix_caching,
+                  max_num_batched_tokens=max_num_batched_tokens)
+    _check_limits(max_batch_size, max_seq_len, decode_steps, **paging)
     if not isinstance(model, str):
       raise ValueError(f"LLM: `model` expected a model name or path (str), got {model!r}; "
                        "use LLM.from_model for a model object")
@@ -57,21 +85,27 @@ class LLM:
       raise ValueError(f"LLM: `model` expected a known model name or a model path, got {model!r}"
                        f" ({e})") from e
     self._setup(loaded, tokenizer, kv_cache_dtype, max_batch_size, max_seq_len, decode_steps,
-                seed)
+                seed, paging)
     self.model_name = model
 
   @classmethod
   def from_model(cls, model, tokenizer, *, kv_cache_dtype=None, max_batch_size: int = 8,
-                 max_seq_len: int = 2048, decode_steps: int = 16, seed: int = 0) -> LLM:
+                 max_seq_len: int = 2048, decode_steps: int = 16, seed: int = 0,
+                 page_size: int | None = 16, num_pages: int | None = None,
+                 enable_prefix_caching: bool = True, max_num_batched_tokens: int = 512) -> LLM:
     """An engine over an already loaded (model, tokenizer) that honours the `models` contract."""
-    _check_limits(max_batch_size, max_seq_len, decode_steps)
+    paging = dict(page_size=page_size, num_pages=num_pages,
+                  enable_prefix_caching=enable_prefix_caching,
+                  max_num_batched_tokens=max_num_batched_tokens)
+    _check_limits(max_batch_size, max_seq_len, decode_steps, **paging)
     self = cls.__new__(cls)
-    self._setup(model, tokenizer, kv_cache_dtype, max_batch_size, max_seq_len, decode_steps, seed)
+    self._setup(model, tokenizer, kv_cache_dtype, max_batch_size, max_seq_len, decode_steps, seed,
+                paging)
     self.model_name = type(model).__name__
     return self
 
   def _setup(self, model, tokenizer, kv_cache_dtype, max_batch_size, max_seq_len, decode_steps,
-             seed):
+             seed, paging):
     limit = getattr(model.config, "max_position_embeddings", None)
     if limit is not None and max_seq_len > limit:
       raise ValueError(f"LLM: `max_seq_len` expected <= the model's max_position_embeddings "
@@ -85,6 +119,40 @@ class LLM:
     self._rng = np.random.default_rng(seed)
     self._cache = None  # ((batch, seq_len), KVCache): reused by the next batch of that shape
     self._lock = threading.RLock()
+    self.page_size = paging["page_size"]
+    self.paged = self.page_size is not None
+    if self.paged:
+      self._setup_paged(kv_cache_dtype, decode_steps, **paging)
+
+  def _setup_paged(self, kv_cache_dtype, decode_steps, *, page_size, num_pages,
+                   enable_prefix_caching, max_num_batched_tokens):
+    if num_pages is None:
+      num_pages = self.max_batch_size * -(-self.max_seq_len // page_size) + 1  # + scratch
+    self.num_pages, self.enable_prefix_caching = num_pages, enable_prefix_caching
+    self.max_num_batched_tokens = max_num_batched_tokens
+    self.paged_buckets = buckets_lib.PagedBuckets.for_limits(
+        self.max_batch_size, self.max_seq_len, page_size, max_num_batched_tokens)
+    self.paged_programs = paged_steps.PagedPrograms(
+        self.model, self.programs.graphdef, self.programs.state, kv_cache_dtype=kv_cache_dtype,
+        num_pages=num_pages, page_size=page_size, num_slots=self.max_batch_size,
+        history_len=self.max_seq_len, decode_steps=decode_steps, top_n=MAX_LOGPROBS)
+    self._slot_params = batching.row_params([], self.max_batch_size, self.vocab_size)  # host
+    self._next_request_id = 0
+    self._reset_pool()
+
+  def _reset_pool(self) -> None:
+    """A fresh page pool, allocator and scheduler (at start, and after a failed step)."""
+    self.block_manager = BlockManager(self.num_pages, self.page_size,
+                                      enable_prefix_caching=self.enable_prefix_caching)
+    self.scheduler = Scheduler(self.block_manager, max_num_seqs=self.max_batch_size,
+                               max_num_batched_tokens=self.max_num_batched_tokens,
+                               decode_steps=self.paged_programs.decode_steps)
+    self._pool = None           # (PagedKVCache, Slots) on the device, made on first use
+    self._device_params = None  # per-slot RowParams on the device; None: to upload
+    self._in_flight = collections.deque()  # steps dispatched, not read: lists of _Ran
+    self._live: dict[int, batching.Request] = {}  # unfinished requests by id
+    self._just_ended: list[batching.Request] = []  # ended since the last _step returned
+    self._unreturned: list[RequestOutput] = []    # add_request outputs ended, not yet stepped
 
   # ---------------------------------------------------------------- public API
 
@@ -131,9 +199,15 @@ class LLM:
              prompt_lens: Sequence[int] | None = None,
              cache_lens: Sequence[int] | None = None) -> int:
     """Compile every program of the bucket ladders (or of the given rungs) ahead of time.
-    Returns the number of programs compiled now."""
+    Returns the number of programs compiled now. (v2: prompt_lens pick prefill-chunk rungs and
+    cache_lens block-table rungs.)"""
     pick = lambda rungs, want: rungs if want is None else {buckets_lib.bucket(w, rungs)
                                                            for w in want}
+    if self.paged:
+      pages = None if cache_lens is None else [-(-c // self.page_size) for c in cache_lens]
+      b = self.paged_buckets
+      return self._warmup_paged(pick(b.batch, batch_sizes), pick(b.chunk, prompt_lens),
+                                pick(b.pages, pages))
     bs, ts = pick(self.buckets.batch, batch_sizes), pick(self.buckets.prompt, prompt_lens)
     ss = pick(self.buckets.cache, cache_lens)
     before = len(self.programs.compiled)
@@ -144,12 +218,15 @@ class LLM:
 
   def warmup_for(self, prompts, params: SamplingParams | Sequence[SamplingParams] | None = None
                  ) -> int:
-    """Compile exactly the programs `generate(prompts, params)` will run. Returns how many were
-    compiled now."""
+    """Compile the programs `generate(prompts, params)` will run: exactly those on v1; on v2,
+    whose schedule depends on timing and the prefix cache, every program of the rungs up to
+    its largest batch, prefill chunk and block table. Returns how many were compiled now."""
     prompt_list = [prompts] if _is_single_prompt(prompts) else list(prompts)
     rng_state = self._rng.bit_generator.state  # planning must not consume unseeded keys
     reqs = [r for r in self._requests(prompt_list, params) if not r.finished]
     self._rng.bit_generator.state = rng_state
+    if self.paged:
+      return self._warmup_paged_for(reqs)
     before = len(self.programs.compiled)
     for batch in self._plan(reqs):
       b, t, s = self._shapes(batch)
@@ -159,7 +236,7 @@ class LLM:
 
   @property
   def num_compiled_programs(self) -> int:
-    return len(self.programs.compiled)
+    return len(self.programs.compiled) + (len(self.paged_programs.compiled) if self.paged else 0)
 
   # ---------------------------------------------------------------- requests
 
@@ -199,6 +276,8 @@ class LLM:
       raise ValueError(f"LLM: `stop_token_ids` expected ids below the vocabulary size "
                        f"{self.vocab_size}, got {bad}")
     req.max_tokens = min(sp.max_tokens, self.max_seq_len - n)
+    if self.paged:
+      self._fit_pool(req, n)
     eos = getattr(self.tokenizer, "eos_token_id", None)
     stop_ids = set(sp.stop_token_ids or ())
     if eos is not None and not sp.ignore_eos:
@@ -210,6 +289,14 @@ class LLM:
     req.output.metrics.num_prompt_tokens = n
     if sp.logprobs is not None:
       req.output.logprobs, req.output.cumulative_logprob = [], 0.0
+
+  def _fit_pool(self, req: batching.Request, n: int) -> None:
+    """A prompt must fit in the page pool; max_tokens is clamped to it, as to max_seq_len."""
+    capacity = self.scheduler.capacity_tokens
+    if n > capacity:
+      raise ValueError(f"LLM: `prompt` has {n} tokens; the KV page pool holds {capacity} "
+                       f"(num_pages {self.num_pages} - 1 scratch, x page_size {self.page_size})")
+    req.max_tokens = min(req.max_tokens, capacity + 1 - n)  # the last token needs no K/V
 
   def _prompt_ids(self, prompt) -> list[int]:
     if isinstance(prompt, str):
@@ -234,10 +321,19 @@ class LLM:
 
   # ---------------------------------------------------------------- running
 
-  def _run(self, reqs, *, stream: bool, progress=None) -> Iterator[None]:
-    """Run the valid requests batch by batch (longest prompts together); returns when done."""
+  def _run(self, reqs, *, stream: bool, progress=None) -> None:
+    """Run the valid requests (v1: batch by batch, longest prompts together); returns when
+    done."""
+    if self.paged:
+      self._run_paged(reqs, progress)
+      return
     for _ in self._batches(reqs, stream=stream, progress=progress):
       pass
+
+  def _text_deltas(self, req: batching.Request) -> Iterator[str]:
+    if self.paged:
+      return self._paged_deltas(req)
+    return (delta for chunk in self._batches([req], stream=True) for _, delta in chunk)
 
   def _plan(self, reqs) -> list[list[batching.Request]]:
     """Batches of at most max_batch_size, prompts of similar length together."""
@@ -346,7 +442,7 @@ class LLM:
       o.metrics.finish_time = now
       o.metrics.num_generated_tokens = len(o.token_ids)
       if o.logprobs is not None:
-        o.cumulative_logprob = float(sum(step[tid] for step, tid in zip(o.logprobs, o.token_ids)))
+        o.cumulative_logprob = _cumulative_logprob(o)
     return req.detok.release(o.text, final=bool(o.finish_reason)) if stream else ""
 
   @staticmethod
@@ -355,13 +451,256 @@ class LLM:
     step[tok] = float(out.logprob[row, j])
     o.logprobs.append(step)
 
+  # ---------------------------------------------------------------- engine v2: scripted use
+
+  def add_request(self, prompt, params: SamplingParams | None = None) -> int:
+    """Queue one request (a str or a list of token ids); returns its request id (an int, unique
+    in this engine). Its RequestOutput comes back from the `step()` in which it ends. A bad
+    request raises ValueError naming the field, as `generate` of one prompt does."""
+    self._require_paged("add_request")
+    if not _is_single_prompt(prompt):
+      raise ValueError(f"LLM.add_request: `prompt` expected one str or list of token ids, got "
+                       f"{type(prompt).__name__} of prompts")
+    with self._lock:
+      req = self._requests([prompt], params)[0]
+      if req.output.error:
+        raise ValueError(req.output.error)
+      self._enqueue(req, scripted=True)
+      req.output.index = req.output.request_id
+      return req.output.request_id
+
+  def step(self) -> list[RequestOutput]:
+    """One engine step: schedule, dispatch, read the previous step back. Returns the outputs of
+    the `add_request` requests that ended (finished, aborted, or failed) since the last call."""
+    self._require_paged("step")
+    with self._lock:
+      self._step()
+      out, self._unreturned = self._unreturned, []
+      return out
+
+  def abort(self, request_id: int) -> bool:
+    """End a waiting or running request now: finish_reason "abort", its pages freed; its output
+    comes back from the next `step()` (for add_request) or `generate`. False when it had already
+    ended; ValueError for an id this engine never gave out."""
+    self._require_paged("abort")
+    with self._lock:
+      req = self._live.get(request_id)
+      if req is None:
+        if isinstance(request_id, numbers.Integral) and 0 <= request_id < self._next_request_id:
+          return False
+        raise ValueError(f"LLM.abort: `request_id` expected an id from add_request, got "
+                         f"{request_id!r}")
+      o = req.output
+      o.finish_reason, o.text = "abort", req.detok.decode(o.token_ids)
+      if o.logprobs is not None:
+        o.cumulative_logprob = _cumulative_logprob(o)
+      self._ended(req, time.perf_counter())
+      return True
+
+  def has_unfinished_requests(self) -> bool:
+    return self.paged and bool(self._live)
+
+  @property
+  def num_preemptions(self) -> int:
+    """Requests preempted (pages freed, recomputed later) since the pool was made."""
+    return self.scheduler.num_preemptions if self.paged else 0
+
+  def _require_paged(self, op: str) -> None:
+    if not self.paged:
+      raise ValueError(f"LLM.{op}: needs engine v2 (page_size set), got page_size=None")
+
+  # ---------------------------------------------------------------- engine v2: running
+
+  def _enqueue(self, req: batching.Request, *, scripted: bool = False,
+               stream: bool = False) -> None:
+    rid = self._next_request_id
+    self._next_request_id += 1
+    req.output.request_id, req.scripted, req.stream = rid, scripted, stream
+    req.seq = SchedSequence(rid, req.prompt_ids, req.output.token_ids, req.max_tokens)
+    self.scheduler.add(req.seq)
+    self._live[rid] = req
+
+  def _run_paged(self, reqs, progress) -> None:
+    with self._lock:
+      todo = [r for r in reqs if not r.finished]
+      for r in todo:
+        self._enqueue(r)
+      pending = {id(r) for r in todo}
+      try:
+        while pending:
+          for r in self._step():
+            if id(r) in pending:
+              pending.discard(id(r))
+              if progress:
+                progress(r.output)
+      finally:
+        for r in todo:  # interrupted: the rest must not hold pages
+          self._drop(r)
+      if progress:
+        for r in reqs:
+          if r.output.finish_reason == "error" and r.seq is None:
+            progress(r.output)
+
+  def _paged_deltas(self, req: batching.Request) -> Iterator[str]:
+    with self._lock:
+      self._enqueue(req, stream=True)
+      try:
+        while True:
+          self._step()
+          while req.deltas:
+            yield req.deltas.popleft()
+          if req.finished:
+            return
+      finally:
+        self._drop(req)  # closed early: the text so far stays, unfinished
+
+  def _step(self) -> list[batching.Request]:
+    """Schedule and dispatch one step, then read back the oldest step in flight when another
+    is queued behind it (or nothing new was dispatched). Returns the requests that ended since
+    the last call (aborts included)."""
+    try:
+      plan = self.scheduler.schedule()
+      if plan:
+        self._in_flight.append(self._dispatch(plan))
+      if self._in_flight and (len(self._in_flight) > 1 or not plan):
+        self._read(self._in_flight.popleft())
+      elif self.scheduler.has_unfinished() and not plan:
+        raise AssertionError("LLM: the scheduler made no progress")  # a bug, never a hang
+    except Exception as e:
+      self._fail_all(f"LLM: the engine step failed: {e!r}")
+      raise
+    ended, self._just_ended = self._just_ended, []
+    return ended
+
+  def _dispatch(self, plan) -> list[_Ran]:
+    """Run the plan's prefill programs (its chunks split to pad little), then its decode chunk;
+    the outputs stay on the device."""
+    groups = [[plan.chunks[i] for i in group] for group in
+              self.paged_buckets.prefill_groups([c.length for c in plan.chunks])]
+    inputs = [self._chunk_inputs(group) for group in groups]  # sets new rows' params first
+    params, state = self._slot_row_params(), self.paged_programs.state
+    cache, slots = self._pool or (self.paged_programs.init_cache(),
+                                  self.paged_programs.init_slots())
+    self._pool = None  # donated below; a failure leaves no stale buffers behind
+    ran = []
+    for group, (x, shape) in zip(groups, inputs):
+      program = self.paged_programs.get("paged_prefill", shape)
+      cache, slots, out = program(state, cache, slots, params, jax.device_put(x))
+      ran.append(_Ran(out, [(i, self._live[c.seq.seq_id]) for i, c in enumerate(group)
+                            if c.final], shape[0]))
+    if plan.decode:
+      tables = [self._table(seq, seq.kv_bound) for seq in plan.decode]
+      shape = self.paged_buckets.decode_shape(len(plan.decode), max(map(len, tables)))
+      x = batching.decode_inputs(plan.decode, tables, shape, self.max_batch_size)
+      program = self.paged_programs.get("paged_decode", shape)
+      cache, slots, out = program(state, cache, slots, params, jax.device_put(x))
+      ran.append(_Ran(out, [(i, self._live[seq.seq_id]) for i, seq in enumerate(plan.decode)],
+                      shape[0]))
+    self._pool = (cache, slots)
+    return ran
+
+  def _chunk_inputs(self, chunks):
+    tables = [self._table(c.seq, c.start + c.length) for c in chunks]
+    shape = self.paged_buckets.prefill_shape(len(chunks), max(c.length for c in chunks),
+                                             max(map(len, tables)))
+    for c in chunks:
+      if c.final:
+        batching.set_row(self._slot_params, c.seq.slot, self._live[c.seq.seq_id])
+        self._device_params = None
+    return batching.chunk_inputs(chunks, tables, shape, self.max_batch_size,
+                                 self.max_seq_len), shape
+
+  def _table(self, seq: SchedSequence, num_tokens: int) -> list[int]:
+    """The pages of seq's block table that hold its first num_tokens positions."""
+    return self.block_manager.block_table(seq.seq_id)[:-(-num_tokens // self.page_size)]
+
+  def _slot_row_params(self):
+    if self._device_params is None:
+      # A copy: on a CPU, device_put may alias the numpy buffers, which set_row changes later.
+      self._device_params = jax.device_put(jax.tree.map(np.copy, self._slot_params))
+    return self._device_params
+
+  def _read(self, ran: list[_Ran]) -> None:
+    """Absorb one dispatched step's tokens, in dispatch order (the prefills' first tokens before
+    the decode chunk's); finished requests free their pages."""
+    outs = jax.device_get([r.out for r in ran])
+    now = time.perf_counter()
+    for out, r in zip(outs, ran):
+      for i, req in r.rows:
+        if req.seq.status == FINISHED:  # stopped by an earlier read, aborted, or dropped
+          continue
+        delta = self._absorb(req, out, i, now, req.stream)
+        if delta:
+          req.deltas.append(delta)
+        req.output.metrics.batch_size = max(req.output.metrics.batch_size, r.batch)
+        self.scheduler.on_read(req.seq)
+        if req.finished:
+          self._ended(req, now)
+
+  def _ended(self, req: batching.Request, now: float) -> None:
+    """req has its finish_reason: release its slot and pages; hand its output back."""
+    o = req.output
+    o.num_cached_tokens = req.seq.num_cached_tokens or 0
+    o.metrics.finish_time = o.metrics.finish_time or now
+    o.metrics.num_generated_tokens = len(o.token_ids)
+    self.scheduler.finish(req.seq)
+    del self._live[req.seq.seq_id]
+    self._just_ended.append(req)
+    if req.scripted:
+      self._unreturned.append(o)
+
+  def _drop(self, req: batching.Request) -> None:
+    """Forget an unfinished request (a stream closed early): pages freed, no finish_reason."""
+    if self._live.pop(req.seq.seq_id, None) is not None:
+      self.scheduler.finish(req.seq)
+
+  def _fail_all(self, message: str) -> None:
+    """A step raised: every live request ends with an error and the pool starts afresh (its
+    buffers may be gone, donated to the failed program)."""
+    live, unreturned = list(self._live.values()), self._unreturned
+    self._reset_pool()
+    for req in live:
+      batching.fail(req, message)
+      req.seq.status = FINISHED
+      if req.scripted:
+        unreturned.append(req.output)
+    self._unreturned = unreturned
+
+  # ---------------------------------------------------------------- engine v2: warmup
+
+  def _warmup_paged(self, batch_sizes, chunk_lens, table_pages) -> int:
+    before = len(self.paged_programs.compiled)
+    for kind, shape in self.paged_buckets.programs():
+      if (shape[0] in batch_sizes and shape[-1] in table_pages
+          and (kind == "paged_decode" or shape[1] in chunk_lens)):
+        self.paged_programs.get(kind, shape)
+    return len(self.paged_programs.compiled) - before
+
+  def _warmup_paged_for(self, reqs) -> int:
+    if not reqs:
+      return 0
+    b = self.paged_buckets
+    up_to = lambda n, rungs: [r for r in rungs if r <= buckets_lib.bucket(n, rungs)]
+    longest = max(len(r.prompt_ids) + r.max_tokens for r in reqs)
+    return self._warmup_paged(
+        up_to(min(len(reqs), self.max_batch_size), b.batch),
+        up_to(min(max(len(r.prompt_ids) for r in reqs), self.max_num_batched_tokens), b.chunk),
+        up_to(-(-longest // self.page_size), b.pages))
+
+
+@dataclasses.dataclass(frozen=True)
+class _Ran:
+  """One dispatched engine v2 program: its output, and the request each counted row serves."""
+  out: sampling.StepOutput  # [B, 1] (a prefill: first tokens) or [B, decode_steps]
+  rows: list                # [(row, Request)]
+  batch: int                # B, the rows of its bucket
+
 
 class TextStream:
   """Iterator of one request's text deltas; `.output` is its RequestOutput once exhausted."""
 
   def __init__(self, llm: LLM, req: batching.Request):
-    self._deltas = (delta for chunk in llm._batches([req], stream=True)
-                    for _, delta in chunk)
+    self._deltas = llm._text_deltas(req)
     self.output = req.output
 
   def __iter__(self):
@@ -381,6 +720,10 @@ class TextStream:
     self.close()
 
 
+def _cumulative_logprob(o: RequestOutput) -> float:
+  return float(sum(step[tid] for step, tid in zip(o.logprobs, o.token_ids)))
+
+
 def _is_single_prompt(prompts) -> bool:
   if isinstance(prompts, str):
     return True
@@ -388,8 +731,23 @@ def _is_single_prompt(prompts) -> bool:
           and all(isinstance(t, numbers.Integral) for t in prompts))
 
 
-def _check_limits(max_batch_size, max_seq_len, decode_steps):
+def _check_limits(max_batch_size, max_seq_len, decode_steps, *, page_size, num_pages,
+                  enable_prefix_caching, max_num_batched_tokens):
   for name, value in (("max_batch_size", max_batch_size), ("max_seq_len", max_seq_len),
-                      ("decode_steps", decode_steps)):
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+                      ("decode_steps", decode_steps),
+                      ("max_num_batched_tokens", max_num_batched_tokens)):
+    if not _is_int(value) or value < 1:
       raise ValueError(f"LLM: `{name}` expected a positive int, got {value!r}")
+  if page_size is not None and (not _is_int(page_size) or page_size < 1):
+    raise ValueError(f"LLM: `page_size` expected a positive int or None (engine v1), got "
+                     f"{page_size!r}")
+  if num_pages is not None and (not _is_int(num_pages) or num_pages < 2):
+    raise ValueError(f"LLM: `num_pages` expected an int >= 2 (page 0 is scratch) or None, got "
+                     f"{num_pages!r}")
+  if not isinstance(enable_prefix_caching, bool):
+    raise ValueError(f"LLM: `enable_prefix_caching` expected a bool, got "
+                     f"{enable_prefix_caching!r}")
+
+
+def _is_int(value) -> bool:
+  return isinstance(value, numbers.Integral) and not isinstance(value, bool)

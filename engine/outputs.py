@@ -18,7 +18,7 @@ class RequestMetrics:
   finish_time: float | None = None
   num_prompt_tokens: int = 0
   num_generated_tokens: int = 0
-  batch_size: int = 0  # rows of the batch bucket this request ran in
+  batch_size: int = 0  # rows of the batch bucket this request ran in (v2: its largest)
 
   @property
   def time_to_first_token_s(self) -> float | None:
@@ -53,11 +53,14 @@ class RequestOutput:
   """One request's result.
 
   finish_reason: "stop" (EOS, a stop token, or a stop string), "length" (max_tokens reached, or
-  the max_seq_len budget of prompt + output), or "error" (the request was refused; `error` says
-  why, and text/token_ids are empty). stop_reason: the stop string or stop token id that ended the
+  the max_seq_len budget of prompt + output), "abort" (`LLM.abort`: text and token_ids hold what
+  was generated until then) or "error" (the request was refused; `error` says why, and
+  text/token_ids are empty). stop_reason: the stop string or stop token id that ended the
   request, None for EOS or length. token_ids include a stop token that ended the request; text
   excludes it and excludes a matched stop string. logprobs (when asked): one dict per generated
-  token {token_id: logprob} holding the top-N and the sampled token.
+  token {token_id: logprob} holding the top-N and the sampled token. num_cached_tokens: prompt
+  tokens whose K/V the prefix cache already held (engine v2; always 0 on v1). request_id: the id
+  `LLM.add_request` returned (engine v2 numbers every request; None on v1).
   """
   index: int
   prompt: str | None
@@ -70,6 +73,8 @@ class RequestOutput:
   cumulative_logprob: float | None = None
   error: str | None = None
   metrics: RequestMetrics | None = None
+  num_cached_tokens: int = 0
+  request_id: int | None = None
 
   def as_dict(self) -> dict:
     d = dataclasses.asdict(self)

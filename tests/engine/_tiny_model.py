@@ -1,8 +1,9 @@
 """A tiny random Llama-shaped NNX model and a byte tokenizer that honour the `models` contract.
 
 The engine tests run against this stand-in: it compiles in about a second, its tokenizer splits
-multi-byte UTF-8 characters across tokens (one token per byte), and it has both a cached path
-(`prefill` / `decode`, the contract the engine uses) and an uncached `__call__(tokens)` that the
+multi-byte UTF-8 characters across tokens (one token per byte), and it has both cached paths
+(`prefill` / `decode` over a contiguous cache and `paged_prefill` / `paged_decode` over a page
+pool, the contracts the engine uses) and an uncached `__call__(tokens)` that the
 tests use as the oracle.
 """
 
@@ -28,6 +29,23 @@ class KVCache:
 
   def replace(self, **changes):
     return dataclasses.replace(self, **changes)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class PagedKVCache:
+  """Same layout as `models.paged_cache.PagedKVCache`: per-layer [num_pages, page_size, kv_heads,
+  head_dim]."""
+  k: tuple
+  v: tuple
+
+  @property
+  def num_pages(self):
+    return self.k[0].shape[0]
+
+  @property
+  def page_size(self):
+    return self.k[0].shape[1]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -128,6 +146,49 @@ class TinyLlama(nnx.Module):
                    v=tuple(jnp.zeros(shape, dtype) for _ in range(c.num_layers)),
                    lengths=jnp.zeros((batch_size,), jnp.int32))
 
+  def init_paged_cache(self, num_pages, page_size, dtype=None):
+    c = self.config
+    shape = (num_pages, page_size, c.num_kv_heads, c.head_dim)
+    dtype = dtype or self.embed[...].dtype
+    return PagedKVCache(k=tuple(jnp.zeros(shape, dtype) for _ in range(c.num_layers)),
+                        v=tuple(jnp.zeros(shape, dtype) for _ in range(c.num_layers)))
+
+  def paged_prefill(self, tokens, lengths, start, cache, block_tables):
+    """A chunk of prompt at positions start.. over the pages of block_tables (the contract of
+    models.decoder.Decoder.paged_prefill): only valid tokens are written."""
+    t = tokens.shape[1]
+    pos = start[:, None] + jnp.arange(t)[None]
+    valid = jnp.arange(t)[None] < lengths[:, None]
+    keys = jnp.arange(block_tables.shape[1] * cache.page_size)[None, None]
+    mask = (keys <= pos[:, :, None]) & (keys < (start + lengths)[:, None, None])
+    return self._paged_forward(self.embed[...][tokens], pos, valid, mask, cache, block_tables,
+                               jnp.maximum(lengths - 1, 0))
+
+  def paged_decode(self, tokens, positions, cache, block_tables):
+    pos = positions[:, None]
+    keys = jnp.arange(block_tables.shape[1] * cache.page_size)
+    mask = keys[None, None] <= pos[:, :, None]
+    return self._paged_forward(self.embed[...][tokens][:, None], pos, jnp.ones_like(pos, bool),
+                               mask, cache, block_tables, jnp.zeros_like(positions))
+
+  def _paged_forward(self, x, pos, valid, mask, cache, block_tables, last):
+    """x [B, T, D] at positions pos [B, T]; K/V of the valid tokens written into their pages,
+    attention over the gathered pages under mask [B, T, keys] -> logits of token `last` [B]."""
+    page_size, num_pages = cache.page_size, cache.num_pages
+    page = jnp.take_along_axis(block_tables, jnp.clip(pos // page_size, 0,
+                                                      block_tables.shape[1] - 1), axis=1)
+    slot = jnp.where(valid, page * page_size + pos % page_size, num_pages * page_size).reshape(-1)
+    ks, vs = [], []
+    for i, layer in enumerate(self.layers):
+      q, k, v = layer.qkv(x, pos)
+      ks.append(_scatter_pages(cache.k[i], k, slot))
+      vs.append(_scatter_pages(cache.v[i], v, slot))
+      dense = lambda pages: pages[block_tables].reshape(x.shape[0], -1, *pages.shape[2:])
+      x = layer.finish(x, _attend(q, dense(ks[-1]).astype(q.dtype), dense(vs[-1]).astype(q.dtype),
+                                  mask))
+    x = jnp.take_along_axis(x, last[:, None, None], axis=1)[:, 0]
+    return self._logits(x), PagedKVCache(tuple(ks), tuple(vs))
+
   def __call__(self, tokens):
     """Uncached forward: tokens [B, T] -> logits [B, T, vocab]."""
     x = self.embed[...][tokens]
@@ -167,6 +228,14 @@ class TinyLlama(nnx.Module):
       vs.append(vc)
       x = layer.finish(x, _attend(q, kc.astype(q.dtype), vc.astype(q.dtype), mask))
     return self._logits(x[:, 0]), KVCache(tuple(ks), tuple(vs), pos + 1)
+
+
+def _scatter_pages(pages, new, slot):
+  """new [B, T, KV, D] into pages [num_pages, page_size, KV, D] at flat slots [B * T]; slots
+  past the pool are dropped."""
+  flat = pages.reshape(-1, *pages.shape[2:])
+  flat = flat.at[slot].set(new.reshape(-1, *new.shape[2:]).astype(pages.dtype), mode="drop")
+  return flat.reshape(pages.shape)
 
 
 class ByteTokenizer:

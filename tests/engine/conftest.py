@@ -1,5 +1,7 @@
-"""Engine test fixtures: one shared engine over the tiny stand-in model, so the handful of programs
-it compiles (batch 1, 2, 4 x prompt bucket 16 x cache 128) are compiled once per test session."""
+"""Engine test fixtures: shared engines over the tiny stand-in model, so the handful of programs
+they compile (batch 1, 2, 4 x prompt bucket 16 x cache 128; v2: x block table 8 pages) are
+compiled once per test session. `llm` is the default engine, `llm_v2` (paged, continuous
+batching); `llm_v1` the static-batching engine it replaced (page_size=None)."""
 
 import pytest
 
@@ -17,7 +19,19 @@ def tiny():
 
 
 @pytest.fixture(scope="session")
-def llm(tiny):
+def llm_v2(tiny):
   model, tokenizer = tiny
   return LLM.from_model(model, tokenizer, max_batch_size=MAX_BATCH, max_seq_len=MAX_SEQ,
                         decode_steps=4)
+
+
+@pytest.fixture(scope="session")
+def llm(llm_v2):
+  return llm_v2
+
+
+@pytest.fixture(scope="session")
+def llm_v1(tiny):
+  model, tokenizer = tiny
+  return LLM.from_model(model, tokenizer, max_batch_size=MAX_BATCH, max_seq_len=MAX_SEQ,
+                        decode_steps=4, page_size=None)

@@ -7,6 +7,12 @@ from engine import SamplingParams, steps
 
 
 @pytest.fixture
+def llm(llm_v1):
+  """Engine v1: these tests read its programs and cache (engine v2's: test_paged_engine.py)."""
+  return llm_v1
+
+
+@pytest.fixture
 def backend_compiles():
   """Counts XLA backend compilations while the test runs."""
   events = []

@@ -12,6 +12,12 @@ from engine import batch as batching
 _ALIAS = re.compile(r"\{(\d+)\}: \((\d+), \{\}, (?:may|must)-alias\)")
 
 
+@pytest.fixture
+def llm(llm_v1):
+  """Engine v1: these tests read its programs and cache (engine v2's: test_paged_engine.py)."""
+  return llm_v1
+
+
 def _aliased_params(compiled) -> set[int]:
   header = compiled.as_text().split("\n", 1)[0]
   assert "input_output_alias" in header

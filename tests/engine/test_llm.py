@@ -1,7 +1,8 @@
 """The engine end to end over the tiny model: outputs, stops, streaming, batching, bad input.
 
-Every test uses the session's engine (max_batch_size 4, max_seq_len 128) and prompts of at most
-16 tokens, so the whole module shares a handful of compiled programs.
+Every test runs on the session's engines, v2 (paged, the default) and v1 (max_batch_size 4,
+max_seq_len 128), with prompts of at most 16 tokens, so the whole module shares a handful of
+compiled programs.
 """
 
 import jax
@@ -14,6 +15,12 @@ from engine import LLM, SamplingParams
 from tests.engine.conftest import MAX_SEQ
 
 PROMPTS = ["hello", "wörld of things", "x", "the quick brown"]
+
+
+@pytest.fixture(params=["v2", "v1"])
+def llm(request, llm_v2, llm_v1):
+  """Both engines keep the same semantics."""
+  return llm_v2 if request.param == "v2" else llm_v1
 
 
 @pytest.fixture(scope="module")
@@ -267,12 +274,14 @@ def test_bad_engine_arguments(tiny):
     LLM(model)
 
 
-def test_kv_cache_dtype(tiny):
+@pytest.mark.parametrize("page_size", [16, None])
+def test_kv_cache_dtype(tiny, page_size):
   model, tokenizer = tiny
   llm16 = LLM.from_model(model, tokenizer, kv_cache_dtype=jnp.bfloat16, max_batch_size=1,
-                         max_seq_len=MAX_SEQ, decode_steps=4)
+                         max_seq_len=MAX_SEQ, decode_steps=4, page_size=page_size)
   out = llm16.generate(PROMPTS[0], GREEDY)[0]
-  assert llm16._cache[1].k[0].dtype == jnp.bfloat16
+  cache = llm16._pool[0] if page_size else llm16._cache[1]
+  assert cache.k[0].dtype == jnp.bfloat16
   assert len(out.token_ids) == 12 and out.finish_reason == "length"
 
 

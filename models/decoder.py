@@ -179,11 +179,13 @@ class Decoder(nnx.Module):
     _check_paged(op, cache, block_tables, batch, self.config)
     slot = paged_cache.slots(block_tables, positions, jnp.ones_like(positions, bool),
                              cache.page_size, cache.num_pages)
+    # Positions past the table clip to its last entry, and entries are pages: always in bounds.
+    slot = jnp.clip(slot, 0, cache.num_pages * cache.page_size - 1)
     new_k, new_v = list(cache.k), list(cache.v)
 
     def attend(layer, q, k, v):
-      new_k[layer] = paged_cache.write(cache.k[layer], k, slot)
-      new_v[layer] = paged_cache.write(cache.v[layer], v, slot)
+      new_k[layer] = paged_cache.write(cache.k[layer], k, slot, in_bounds=True)
+      new_v[layer] = paged_cache.write(cache.v[layer], v, slot, in_bounds=True)
       return paged_attention(q.astype(new_k[layer].dtype), new_k[layer], new_v[layer],
                              block_tables, positions + 1,
                              sliding_window=self.config.sliding_window,

@@ -61,14 +61,21 @@ def slots(block_tables: jax.Array, positions: jax.Array, valid: jax.Array, page_
   return jnp.where(valid, page * page_size + positions % page_size, num_pages * page_size)
 
 
-def write(pages: jax.Array, new: jax.Array, slot: jax.Array) -> jax.Array:
+def write(pages: jax.Array, new: jax.Array, slot: jax.Array, *, in_bounds: bool = False
+          ) -> jax.Array:
   """Scatter new [..., kv_heads, head_dim] rows into pages [num_pages, page_size, kv_heads,
-  head_dim] at flat `slot` [...]: in place under donation (the reshapes are bitcasts)."""
+  head_dim] at flat `slot` [...]: in place under donation (the reshapes are bitcasts).
+  `in_bounds`: every slot is a real one (decode: padding rows write the scratch page); the
+  scatter then needs no bounds select, whose read of the old rows made XLA:CPU copy the pool."""
   num_pages, page_size = pages.shape[:2]
   flat = pages.reshape(num_pages * page_size, *pages.shape[2:])
   rows = new.reshape(-1, *new.shape[-2:]).astype(pages.dtype)
-  flat = flat.at[slot.reshape(-1)].set(rows, mode="drop")
-  return flat.reshape(pages.shape)
+  flat = flat.at[slot.reshape(-1)].set(rows, mode="promise_in_bounds" if in_bounds else "drop")
+  # The barrier makes the scatter one in-place update that readers then share. Without it,
+  # XLA:CPU fuses a private copy of the scatter into each reader (the attention's gather and
+  # the next write), and each copy starts by duplicating the whole pool: 240 pool-sized copies
+  # per SmolLM2 decode step, 7x the step time at the default pool.
+  return jax.lax.optimization_barrier(flat.reshape(pages.shape))
 
 
 def gather(pages: jax.Array, block_tables: jax.Array) -> jax.Array:

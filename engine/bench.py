@@ -234,8 +234,11 @@ def fixed_suite(model, tokenizer, args, device, command: str) -> dict:
   configs = parse_configs(args.batch_sizes, args.workloads, args.extra)
   max_batch = max(c.batch for c in configs)
   max_seq = 1 << (max(c.prompt_len + c.new_tokens for c in configs) - 1).bit_length()
+  # No prefix cache here: every repeat sends the same prompts, and transformers computes each
+  # prompt anew. With the cache on, the timed runs hit it: less prefill than transformers does,
+  # and a shorter chunk program that the untimed run never compiled (TTFT then holds a compile).
   llm = LLM.from_model(model, tokenizer, max_batch_size=max_batch, max_seq_len=max_seq,
-                       decode_steps=args.decode_steps)
+                       decode_steps=args.decode_steps, enable_prefix_caching=False)
   hf = None
   if args.hf_python:
     path = gguf_path(args.model)

@@ -15,6 +15,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from models import paged_cache
+from models.paged_cache import PagedKVCache
+
 BOS, EOS = 256, 257
 CHAT_START, CHAT_END = 258, 259
 
@@ -29,23 +32,6 @@ class KVCache:
 
   def replace(self, **changes):
     return dataclasses.replace(self, **changes)
-
-
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass
-class PagedKVCache:
-  """Same layout as `models.paged_cache.PagedKVCache`: per-layer [num_pages, page_size, kv_heads,
-  head_dim]."""
-  k: tuple
-  v: tuple
-
-  @property
-  def num_pages(self):
-    return self.k[0].shape[0]
-
-  @property
-  def page_size(self):
-    return self.k[0].shape[1]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -148,10 +134,8 @@ class TinyLlama(nnx.Module):
 
   def init_paged_cache(self, num_pages, page_size, dtype=None):
     c = self.config
-    shape = (num_pages, page_size, c.num_kv_heads, c.head_dim)
-    dtype = dtype or self.embed[...].dtype
-    return PagedKVCache(k=tuple(jnp.zeros(shape, dtype) for _ in range(c.num_layers)),
-                        v=tuple(jnp.zeros(shape, dtype) for _ in range(c.num_layers)))
+    return PagedKVCache.create(c.num_layers, num_pages, page_size, c.num_kv_heads, c.head_dim,
+                               dtype or self.embed[...].dtype)
 
   def paged_prefill(self, tokens, lengths, start, cache, block_tables):
     """A chunk of prompt at positions start.. over the pages of block_tables (the contract of
@@ -174,18 +158,14 @@ class TinyLlama(nnx.Module):
   def _paged_forward(self, x, pos, valid, mask, cache, block_tables, last):
     """x [B, T, D] at positions pos [B, T]; K/V of the valid tokens written into their pages,
     attention over the gathered pages under mask [B, T, keys] -> logits of token `last` [B]."""
-    page_size, num_pages = cache.page_size, cache.num_pages
-    page = jnp.take_along_axis(block_tables, jnp.clip(pos // page_size, 0,
-                                                      block_tables.shape[1] - 1), axis=1)
-    slot = jnp.where(valid, page * page_size + pos % page_size, num_pages * page_size).reshape(-1)
+    slot = paged_cache.slots(block_tables, pos, valid, cache.page_size, cache.num_pages)
+    dense = lambda pages: paged_cache.gather(pages, block_tables).astype(x.dtype)
     ks, vs = [], []
     for i, layer in enumerate(self.layers):
       q, k, v = layer.qkv(x, pos)
-      ks.append(_scatter_pages(cache.k[i], k, slot))
-      vs.append(_scatter_pages(cache.v[i], v, slot))
-      dense = lambda pages: pages[block_tables].reshape(x.shape[0], -1, *pages.shape[2:])
-      x = layer.finish(x, _attend(q, dense(ks[-1]).astype(q.dtype), dense(vs[-1]).astype(q.dtype),
-                                  mask))
+      ks.append(paged_cache.write(cache.k[i], k, slot))
+      vs.append(paged_cache.write(cache.v[i], v, slot))
+      x = layer.finish(x, _attend(q, dense(ks[-1]), dense(vs[-1]), mask))
     x = jnp.take_along_axis(x, last[:, None, None], axis=1)[:, 0]
     return self._logits(x), PagedKVCache(tuple(ks), tuple(vs))
 
@@ -228,14 +208,6 @@ class TinyLlama(nnx.Module):
       vs.append(vc)
       x = layer.finish(x, _attend(q, kc.astype(q.dtype), vc.astype(q.dtype), mask))
     return self._logits(x[:, 0]), KVCache(tuple(ks), tuple(vs), pos + 1)
-
-
-def _scatter_pages(pages, new, slot):
-  """new [B, T, KV, D] into pages [num_pages, page_size, KV, D] at flat slots [B * T]; slots
-  past the pool are dropped."""
-  flat = pages.reshape(-1, *pages.shape[2:])
-  flat = flat.at[slot].set(new.reshape(-1, *new.shape[2:]).astype(pages.dtype), mode="drop")
-  return flat.reshape(pages.shape)
 
 
 class ByteTokenizer:

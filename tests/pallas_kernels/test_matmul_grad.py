@@ -18,24 +18,17 @@ from jax.test_util import check_grads
 
 from pallas_kernels import testing
 from pallas_kernels.ops.matmul import MatmulConfig, gated_matmul, matmul, reference, specs
+from tests.pallas_kernels.test_matmul import _inputs as forward_inputs
 
 M, K, N = 37, 70, 50
 
 
 def _inputs(seed, lead, k, n, dtype, *, bias=False, residual=False, gated=False,
             out_dtype=None):
-  """x [*lead, k], w [k, n] (unit-variance outputs), optional bias / residual / w_up, and a
-  random cotangent of the output (never zeros or ones)."""
-  kx, kw, ku, kb, kr, kc = testing.keys(seed, 6)
-  out = {"x": testing.random_normal(kx, (*lead, k), dtype),
-         "w": testing.random_normal(kw, (k, n), dtype, scale=k ** -0.5)}
-  if gated:
-    out["w_up"] = testing.random_normal(ku, (k, n), dtype, scale=k ** -0.5)
-  if bias:
-    out["bias"] = testing.random_normal(kb, (n,), dtype, scale=0.5)
-  if residual:
-    out["residual"] = testing.random_normal(kr, (*lead, n), dtype)
-  out["ct"] = testing.random_normal(kc, (*lead, n), out_dtype or dtype)
+  """The forward tests' inputs (x, w and the optional bias / residual / w_up), plus a random
+  cotangent of the output (never zeros or ones)."""
+  out = forward_inputs(seed, lead, k, n, dtype, bias=bias, residual=residual, gated=gated)
+  out["ct"] = testing.random_normal(testing.keys(seed, 6)[5], (*lead, n), out_dtype or dtype)
   return out
 
 

@@ -9,11 +9,14 @@ dtype's minimum), so an element the kernel forgot to write fails the check;
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from pallas_kernels._core import device
 
 # Relative Frobenius-norm error allowed per output dtype, before scaling by reduction length.
 BASE_TOLERANCE = {
@@ -79,3 +82,33 @@ def random_normal(key, shape, dtype, scale: float = 1.0):
 
 def keys(seed: int, n: int):
   return list(jax.random.split(jax.random.key(seed), n))
+
+
+# ---- configs for a GPU that is not here.
+
+GPU_KINDS = ("NVIDIA A100-SXM4-80GB", "NVIDIA H100 80GB HBM3")
+
+
+@contextlib.contextmanager
+def abstract_gpu(kind: str, num_cores: int = 8):
+  """Within it `device.current_target()` is a `kind` GPU (an abstract mesh, as the offline audit
+  uses), so heuristics and tuned tables resolve as on that card; yields that target."""
+  ad = jax.sharding.AbstractDevice(device_kind=kind, num_cores=num_cores, platform="gpu")
+  with jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh(
+      (1,), ("x",), (jax.sharding.AxisType.Explicit,), abstract_device=ad)):
+    yield device.current_target()
+
+
+def assert_heuristic_fits(config_module, target: device.Target, *, max_registers: int,
+                          head_dims=(64, 80, 96, 128, 256),
+                          dtypes=(jnp.float32, jnp.bfloat16, jnp.float16)) -> None:
+  """For every head_dim and dtype, `config_module.heuristic(target, ...)` fits the target's
+  shared memory (`config_module.shared_memory_bytes`) and its fp32 accumulators take at most
+  `max_registers` registers a thread (`config_module.accumulator_registers`)."""
+  for head_dim in head_dims:
+    for dtype in dtypes:
+      cfg = config_module.heuristic(target, head_dim=head_dim, dtype=dtype)
+      where = (target.device_kind, head_dim, jnp.dtype(dtype).name, cfg)
+      assert config_module.shared_memory_bytes(cfg, head_dim, dtype) <= \
+          target.max_shared_memory_bytes, where
+      assert config_module.accumulator_registers(cfg, head_dim) <= max_registers, where

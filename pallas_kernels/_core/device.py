@@ -65,3 +65,8 @@ def current_target() -> Target:
   if device.platform == "gpu":
     return _gpu_target(device.device_kind, getattr(device, "core_count", None))
   return Target(device.platform, device.device_kind)
+
+
+def on_gpu() -> bool:
+  """Is jax's first device a GPU? (An abstract mesh does not count: nothing can run on it.)"""
+  return jax.devices()[0].platform == "gpu"

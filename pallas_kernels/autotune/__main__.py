@@ -12,6 +12,7 @@ import jax
 
 from pallas_kernels._core import config as config_lib
 from pallas_kernels._core import device
+from pallas_kernels._core.device import on_gpu
 from pallas_kernels.autotune import __doc__ as package_doc
 from pallas_kernels.autotune import adapters, candidates, tuner
 from pallas_kernels.bench import registry, report, timing
@@ -19,19 +20,21 @@ from pallas_kernels.bench.registry import short_error
 
 # The target `--list` enumerates candidates for when there is no GPU here.
 ASSUMED_TARGET = device.Target("gpu", "NVIDIA H100 80GB HBM3", (9, 0), 227 * 1024, 132)
+# --pass: which kernels' configs to tune (backward: the `bwd_config` of ops that take one).
+PASSES = {"forward": (False,), "backward": (True,), "both": (False, True)}
 NO_GPU = ("pallas_kernels.autotune: a GPU is required to tune (jax's first device is {platform} "
           "{kind!r}): configs are chosen by their time on the card, and interpret mode or CPU "
           "XLA has none. Run this on an NVIDIA GPU; `--list` shows what it would tune.")
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-  p = argparse.ArgumentParser(prog="python -m pallas_kernels.autotune", description=package_doc,
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument("--op", action="append", help="op folder or public op name (repeatable)")
-  p.add_argument("--case", help="only cases whose label contains this (case-insensitive)")
-  p.add_argument("--quick", action="store_true", help="the benchmark's --quick subset of cases")
+  p = registry.case_parser("python -m pallas_kernels.autotune", package_doc,
+                           quick_help="the benchmark's --quick subset of cases")
   p.add_argument("--list", action="store_true",
                  help="list tuning keys, their cases and candidate counts, and exit")
+  p.add_argument("--pass", dest="tune_pass", choices=tuple(PASSES), default="both",
+                 help="forward: configs from CASES; backward: bwd_configs from GRAD_CASES, "
+                      "timed as forward + vjp; both (default): forward keys, then backward")
   p.add_argument("--max-candidates", type=int, default=candidates.DEFAULT_LIMIT,
                  help="configs tried per key, the default config first")
   p.add_argument("--cases-per-key", type=int, default=tuner.DEFAULT_CASES_PER_KEY,
@@ -47,28 +50,37 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 def plan(folders, args) -> list[tuple]:
-  """(adapter or NotTunable error, folder, op, [(key, cases)]) for every selected public op."""
-  # Forward cases only: the tuned configs and keys are the forward kernels'.
-  pairs = registry.select(folders, args.op, args.case, args.quick, grad=False)
+  """(adapter or NotTunable error, folder, name, [(key, cases)]) for every selected public op
+  and pass: per folder its ops' forward keys (CASES), then their backward keys (GRAD_CASES);
+  `name` is the op's, "<op> backward" for the backward."""
+  passes = PASSES[args.tune_pass]
+  pairs = registry.select(folders, args.op, args.case, args.quick, grad=True in passes)
   out = []
   for folder in folders:
-    cases = [c for f, c in pairs if f is folder]
-    for op in dict.fromkeys(c.op for c in cases):
-      try:
-        adapter = adapters.adapter_for(folder, op)
-        out.append((adapter, folder, op, tuner.group_by_key(adapter, cases, args.cases_per_key)))
-      except Exception as exc:
-        out.append((exc, folder, op, []))
+    for backward in passes:
+      cases = [c for f, c in pairs if f is folder and folder.is_grad_case(c) == backward]
+      for op in dict.fromkeys(c.op for c in cases):
+        name = f"{op} backward" if backward else op
+        try:
+          adapter = adapters.adapter_for(folder, op, backward=backward)
+          groups = tuner.group_by_key(adapter, cases, args.cases_per_key)
+          out.append((adapter, folder, name, groups))
+        except Exception as exc:
+          out.append((exc, folder, name, []))
   return out
 
 
 def listing(planned, target, limit: int) -> str:
   lines = [f"candidates counted for {target.device_kind}"]
   for adapter, folder, op, groups in planned:
+    if isinstance(adapter, adapters.NoBackwardConfig):
+      lines.append(f"ops/{folder.name} {op}: not tuned: {adapter}")
+      continue
     if isinstance(adapter, Exception):
       lines.append(f"ops/{folder.name} {op}: NOT TUNABLE: {short_error(adapter)}")
       continue
-    source = "candidates()" if adapter.candidates else "generic grid"
+    hook = "bwd_candidates()" if adapter.backward else "candidates()"
+    source = hook if adapter.candidates else "generic grid"
     lines.append(f"ops/{folder.name} {op}: {len(groups)} key(s), "
                  f"config {adapter.config_cls.__name__}, candidates from {source}")
     for key, cases in groups:
@@ -80,10 +92,6 @@ def listing(planned, target, limit: int) -> str:
       lines.append(f"  {json.dumps(tuner.jsonable_key(key))}: {count} candidates over "
                    f"{len(cases)} case(s): {'; '.join(c.label for c in cases)}")
   return "\n".join(lines)
-
-
-def on_gpu() -> bool:
-  return jax.devices()[0].platform == "gpu"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -116,7 +124,7 @@ def tune(args, folders, argv) -> int:
       print(f"ops/{folder.name} {op}: skipped, not tunable: {short_error(adapter)}")
       continue
     results = []
-    log_path = log_dir / f"autotune-{folder.name}-{op}.json"
+    log_path = log_dir / f"autotune-{folder.name}-{op.replace(' ', '-')}.json"
     for key, cases in groups:
       print(f"{op} {json.dumps(tuner.jsonable_key(key))} ({len(cases)} case(s))", flush=True)
       try:

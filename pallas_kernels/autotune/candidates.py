@@ -7,10 +7,11 @@ import itertools
 import re
 from typing import Any
 
-# Usual values of a config field, by name; the first pattern that matches wins.
+# Usual values of a config field, by name; the first pattern that matches wins. A suffix names
+# the kernel a field belongs to (num_warps_dq, block_k_dkv: a backward config's two kernels).
 USUAL_VALUES = (
-    (r"num_warps", (1, 2, 4, 8, 16)),
-    (r"num_stages", (1, 2, 3, 4, 5)),
+    (r"num_warps(_.*)?", (1, 2, 4, 8, 16)),
+    (r"num_stages(_.*)?", (1, 2, 3, 4, 5)),
     (r"block_.*rows?", (1, 2, 4, 8, 16, 32, 64)),
     (r"block(_.*)?", (16, 32, 64, 128, 256)),
     (r".*split.*", (1, 2, 4, 8, 16, 32, 64)),

@@ -23,7 +23,7 @@ DEFAULT_CASES_PER_KEY = 2
 
 @dataclasses.dataclass
 class Trial:
-  config: Any                     # None: config=None, what the op resolves today
+  config: Any                     # None: what the op resolves today (config= or bwd_config=)
   status: str = runner.OK         # runner's statuses: ok, wrong, refused, error
   ms: dict[str, float] = dataclasses.field(default_factory=dict)  # case label -> median ms
   error: str | None = None
@@ -80,20 +80,28 @@ def spread(cases: Sequence, count: int) -> list:
 
 def group_by_key(adapter: Adapter, cases: Sequence, cases_per_key: int = DEFAULT_CASES_PER_KEY
                  ) -> list[tuple[dict, list]]:
-  """Cases of `adapter.op` by tuning key (from abstract inputs); `spread` picks the ones timed."""
+  """Cases of `adapter.op` by tuning key (from abstract inputs); `spread` picks the ones timed.
+
+  A backward adapter takes the folder's GRAD_CASES, a forward one its CASES. A key of None
+  means the call runs no kernel that config tunes (a norm row too wide for the backward
+  kernel runs the XLA backward): its cases are left out."""
   groups: dict[tuple, tuple[dict, list]] = {}
   for case in cases:
-    if case.op != adapter.op:
+    if case.op != adapter.op or adapter.folder.is_grad_case(case) != adapter.backward:
       continue
     args, kwargs = adapter.folder.bind(case, case.abstract_inputs())
     key = adapter.key(*args, **kwargs)
-    groups.setdefault(frozen(key), (key, []))[1].append(case)
+    if key is not None:
+      groups.setdefault(frozen(key), (key, []))[1].append(case)
   return [(key, spread(members, cases_per_key)) for key, members in groups.values()]
 
 
 def _trial(adapter: Adapter, config, prepared, timer, rtol) -> Trial:
-  """One config over every case of a key; stops at the first case it fails."""
-  public = functools.partial(adapter.folder.public_fn(adapter.op), impl=adapter.impl, config=config)
+  """One config over every case of a key; stops at the first case it fails. A backward
+  adapter's config goes in as `bwd_config=` (the forward's `config=None` resolves as usual),
+  and `folder.bound` times its grad cases as `grad_of(op)`."""
+  public = functools.partial(adapter.folder.public_fn(adapter.op), impl=adapter.impl,
+                             **{adapter.config_kwarg: config})
   trial = Trial(config)
   for case, input_sets, ref in prepared:
     contender = runner.Contender(f"{adapter.impl} {config}", "ours",

@@ -8,6 +8,7 @@ from collections.abc import Sequence
 
 import jax
 
+from pallas_kernels._core.device import on_gpu
 from pallas_kernels.bench import __doc__ as package_doc
 from pallas_kernels.bench import registry, report, roofline, runner, timing
 
@@ -17,12 +18,9 @@ NO_GPU = ("pallas_kernels.bench: no GPU here (jax's first device is {platform} {
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-  p = argparse.ArgumentParser(prog="python -m pallas_kernels.bench", description=package_doc,
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument("--op", action="append", help="op folder or public op name (repeatable)")
-  p.add_argument("--case", help="only cases whose label contains this (case-insensitive)")
-  p.add_argument("--quick", action="store_true",
-                 help="per public op, its audit cases (at most two), else its first case")
+  p = registry.case_parser(
+      "python -m pallas_kernels.bench", package_doc,
+      quick_help="per public op, its audit cases (at most two), else its first case")
   p.add_argument("--list", action="store_true", help="list the selected cases and exit")
   p.add_argument("--timer", choices=timing.TIMER_NAMES, default="auto",
                  help="cupti (kernel device time, default where available) or wallclock")
@@ -32,10 +30,6 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                  help="time every call on one input set (L2-warm for small cases)")
   p.add_argument("--out", help="results folder (default bench/results/<date>-<device-slug>)")
   return p.parse_args(argv)
-
-
-def on_gpu() -> bool:
-  return jax.devices()[0].platform == "gpu"
 
 
 def main(argv: Sequence[str] | None = None) -> int:

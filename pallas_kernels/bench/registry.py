@@ -16,6 +16,7 @@ instead of hiding it.
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import importlib
 import traceback
@@ -137,6 +138,17 @@ def select(folders: list[OpFolder], ops: Sequence[str] | None = None,
                if matches_op(folder, c, ops) and needle in c.label.lower()]
       pairs += [(folder, c) for c in (quick_subset(cases) if quick else cases)]
   return pairs
+
+
+def case_parser(prog: str, description: str | None, *,
+                quick_help: str) -> argparse.ArgumentParser:
+  """A CLI parser with `select`'s filters as --op, --case and --quick (bench and autotune)."""
+  p = argparse.ArgumentParser(prog=prog, description=description,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--op", action="append", help="op folder or public op name (repeatable)")
+  p.add_argument("--case", help="only cases whose label contains this (case-insensitive)")
+  p.add_argument("--quick", action="store_true", help=quick_help)
+  return p
 
 
 def unknown_ops(folders: list[OpFolder], ops: Sequence[str] | None) -> list[str]:

@@ -14,7 +14,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pallas_kernels import testing
-from pallas_kernels._core import device
 from pallas_kernels.ops.attention import AttentionConfig, attention, reference, specs
 from pallas_kernels.ops.attention import config as config_lib
 from pallas_kernels.ops.attention import triton as triton_impl
@@ -234,36 +233,22 @@ def test_config_validation_and_triton_refusal():
 
 # ---- configs: heuristic per target, shared memory, tuning key, tuned table.
 
-def _abstract_mesh(kind):
-  ad = jax.sharding.AbstractDevice(device_kind=kind, num_cores=8, platform="gpu")
-  return jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh(
-      (1,), ("x",), (jax.sharding.AxisType.Explicit,), abstract_device=ad))
-
-
-GPU_KINDS = ["NVIDIA A100-SXM4-80GB", "NVIDIA H100 80GB HBM3"]
-
-
-@pytest.mark.parametrize("kind", GPU_KINDS)
+@pytest.mark.parametrize("kind", testing.GPU_KINDS)
 def test_heuristic_fits_shared_memory(kind):
-  with _abstract_mesh(kind):
-    target = device.current_target()
+  with testing.abstract_gpu(kind) as target:
+    # fp32 accumulator registers per thread: <= 64 keeps head_dim 256 from spilling.
+    testing.assert_heuristic_fits(config_lib, target, max_registers=64)
     for head_dim in (64, 80, 96, 128, 256):
-      for dtype in DTYPES.values():
-        cfg = config_lib.heuristic(target, head_dim=head_dim, dtype=dtype)
-        assert config_lib.shared_memory_bytes(cfg, head_dim, dtype) <= \
-            target.max_shared_memory_bytes, (head_dim, dtype, cfg)
-        # fp32 accumulator registers per thread: <= 64 keeps head_dim 256 from spilling.
-        assert config_lib.accumulator_registers(cfg, head_dim) <= 64, (head_dim, dtype, cfg)
       q = jax.ShapeDtypeStruct((1, 512, 8, head_dim), jnp.bfloat16)
       tries = config_lib.candidates(target, q, q, q)
       assert tries[0] == config_lib.heuristic(target, head_dim=head_dim, dtype=jnp.bfloat16)
       assert len(set(tries)) == len(tries) > 10
       assert all(config_lib.shared_memory_bytes(c, head_dim, jnp.bfloat16)
                  <= target.max_shared_memory_bytes for c in tries)
-  with _abstract_mesh(GPU_KINDS[0]):
+  with testing.abstract_gpu(testing.GPU_KINDS[0]):
     ampere = config_lib.resolve(None, head_dim=256, dtype=jnp.bfloat16, causal=True,
                                 q_len=4096, kv_len=4096)
-  with _abstract_mesh(GPU_KINDS[1]):
+  with testing.abstract_gpu(testing.GPU_KINDS[1]):
     hopper = config_lib.resolve(None, head_dim=256, dtype=jnp.bfloat16, causal=True,
                                 q_len=4096, kv_len=4096)
   assert ampere != hopper  # the target decides
@@ -277,9 +262,9 @@ def test_tuning_key_and_tuned_table(tmp_path, monkeypatch):
   monkeypatch.setattr(config_lib, "OP_DIR", tmp_path)
   tuned = AttentionConfig(block_q=64, block_k=128, num_warps=4, num_stages=4)
   from pallas_kernels._core import config as core_config
-  core_config.write_table(tmp_path, "attention", GPU_KINDS[1], jax.__version__,
+  core_config.write_table(tmp_path, "attention", testing.GPU_KINDS[1], jax.__version__,
                           [{"key": key, "config": core_config.as_dict(tuned)}])
-  with _abstract_mesh(GPU_KINDS[1]):
+  with testing.abstract_gpu(testing.GPU_KINDS[1]):
     assert config_lib.resolve(None, head_dim=128, dtype=jnp.bfloat16, causal=True, q_len=2049,
                               kv_len=16) == tuned
     assert config_lib.resolve(None, head_dim=128, dtype=jnp.bfloat16, causal=False,
@@ -303,12 +288,12 @@ def test_specs_catalogue():
 # ---- slow: the CUDA lowering of the audit cases, and a wider sweep.
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kind", GPU_KINDS)
+@pytest.mark.parametrize("kind", testing.GPU_KINDS)
 def test_audit_cases_lower_for_cuda(kind):
   for case in (c for c in specs.CASES if c.audit):
     args = case.abstract_inputs()
     fn = functools.partial(attention, impl="triton", **case.kwargs)
-    with _abstract_mesh(kind):
+    with testing.abstract_gpu(kind):
       text = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
     assert "__gpu$xla.gpu.triton" in text, case.label
 

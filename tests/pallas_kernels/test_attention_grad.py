@@ -19,7 +19,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pallas_kernels import testing
-from pallas_kernels._core import device
 from pallas_kernels.ops.attention import (AttentionBwdConfig, AttentionConfig, attention,
                                           reference)
 from pallas_kernels.ops.attention import config_bwd
@@ -254,24 +253,12 @@ def test_backward_skips_fully_masked_tiles(kernel_mode):
 
 # ---- configs and errors.
 
-def _abstract_mesh(kind):
-  ad = jax.sharding.AbstractDevice(device_kind=kind, num_cores=8, platform="gpu")
-  return jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh(
-      (1,), ("x",), (jax.sharding.AxisType.Explicit,), abstract_device=ad))
-
-
-@pytest.mark.parametrize("kind", ["NVIDIA A100-SXM4-80GB", "NVIDIA H100 80GB HBM3"])
+@pytest.mark.parametrize("kind", testing.GPU_KINDS)
 def test_bwd_heuristic_fits_shared_memory(kind):
-  with _abstract_mesh(kind):
-    target = device.current_target()
-    for head_dim in (64, 80, 96, 128, 256):
-      for dtype in DTYPES.values():
-        cfg = config_bwd.heuristic(target, head_dim=head_dim, dtype=dtype)
-        assert config_bwd.shared_memory_bytes(cfg, head_dim, dtype) <= \
-            target.max_shared_memory_bytes, (head_dim, dtype, cfg)
-        # dk/dv holds two fp32 accumulators: <= 128 registers a thread (the audit checks the
-        # whole kernel for spills).
-        assert config_bwd.accumulator_registers(cfg, head_dim) <= 128, (head_dim, dtype, cfg)
+  with testing.abstract_gpu(kind) as target:
+    # dk/dv holds two fp32 accumulators: <= 128 registers a thread (the audit checks the whole
+    # kernel for spills).
+    testing.assert_heuristic_fits(config_bwd, target, max_registers=128)
     resolved = config_bwd.resolve(None, head_dim=128, dtype=jnp.bfloat16, causal=True,
                                   q_len=4096, kv_len=4096)
     assert resolved == config_bwd.heuristic(target, head_dim=128, dtype=jnp.bfloat16)

@@ -55,10 +55,11 @@ def _reference_grads(kind, x, vectors, res, cts):
                                    cts)
 
 
-def _check(mode, kind, shape, dtype, *, residual, seed=0, shift=0.0, slack=1.0):
+def _check(mode, kind, shape, dtype, *, residual, seed=0, shift=0.0, slack=1.0, **op_kwargs):
   impl, interpret = mode
   x, vectors, res, cts = _problem(seed, shape, dtype, kind, residual=residual, shift=shift)
-  got = _vjp(OPS[kind][0], x, vectors, res, cts, eps=EPS[kind], impl=impl, interpret=interpret)
+  got = _vjp(OPS[kind][0], x, vectors, res, cts, eps=EPS[kind], impl=impl, interpret=interpret,
+             **op_kwargs)
   want = _reference_grads(kind, x, vectors, res, cts)
   names = ["dx", "dweight", "dbias"][:1 + len(vectors)] + ["dresidual"] * residual
   got_leaves, want_leaves = jax.tree.leaves(got), jax.tree.leaves(want)
@@ -287,6 +288,30 @@ def test_bwd_programs_cap():
   assert norm_config.bwd_programs(10_000, target) == norm_config.BWD_PROGRAMS_PER_SM * 132
   key = norm_config.tuning_key(576, jnp.bfloat16, True, "rms_bwd")
   assert key["kind"] == "rms_bwd"
+
+
+def test_explicit_bwd_config_reaches_the_backward_kernel(kernel_mode, monkeypatch):
+  """`bwd_config=` sets the backward's tile (explicit > tuned table > heuristic): 16 rows of
+  64 in tiles of 2 rows are 8 row blocks, where the heuristic's ~2k-element tile takes all 16
+  rows in one. The gradients stay right with it (3 programs looping over the 8 blocks)."""
+  blocks = []
+  monkeypatch.setattr(norm_config, "bwd_programs",
+                      lambda row_blocks, target: blocks.append(row_blocks) or 3)
+  tile = norm_config.NormConfig(block_rows=2, num_warps=1, num_stages=1)
+  _check(kernel_mode, "layer", (16, 64), jnp.float32, residual=True, seed=16, bwd_config=tile)
+  assert blocks == [8]
+  _check(kernel_mode, "layer", (16, 64), jnp.float32, residual=True, seed=16)
+  assert blocks == [8, 1]
+
+
+def test_bwd_config_type_is_checked():
+  x, (w,), _, cts = _problem(17, (4, 64), jnp.float32, "rms", residual=False)
+  with pytest.raises(TypeError, match="`bwd_config` expected NormConfig"):
+    rms_norm(x, w, impl="xla", bwd_config="2 rows")
+  tile = norm_config.NormConfig(1, 1, 1)  # meaningless to XLA: dispatch drops it
+  got = jax.grad(lambda x: jnp.sum(rms_norm(x, w, impl="xla", bwd_config=tile) * cts))(x)
+  want = jax.grad(lambda x: jnp.sum(rms_norm(x, w, impl="xla") * cts))(x)
+  np.testing.assert_array_equal(got, want)
 
 
 # --- Slow: wider rows, more rows ----------------------------------------------------------

@@ -87,24 +87,45 @@ _FP32 = {64: (32, 32, 8, 2), 128: (32, 32, 8, 2), 256: (32, 16, 8, 2)}
 
 def heuristic(target: device.Target, *, head_dim: int, dtype) -> AttentionConfig:
   """A config for `target` that fits its shared memory; non-GPU targets (interpret) get Ampere's."""
-  major = 9 if target.is_hopper else 8
-  d_pad = min(256, padded_head_dim(head_dim))
-  d_pad = 64 if d_pad <= 64 else d_pad
-  if jnp.dtype(dtype) == jnp.float32:
-    cfg = AttentionConfig(*_FP32[d_pad])
-  else:
-    cfg = AttentionConfig(*_TABLE[(major, d_pad)])
-  budget = target.max_shared_memory_bytes or 163 * 1024
+  cfg = AttentionConfig(*table_row(_TABLE, _FP32, target, head_dim=head_dim, dtype=dtype))
   # Never expected with the tables above; a guard for smaller cards (99 KB on sm_86/sm_89).
-  while shared_memory_bytes(cfg, head_dim, dtype) > budget:
-    if cfg.num_stages > 2:
-      cfg = dataclasses.replace(cfg, num_stages=cfg.num_stages - 1)
-    elif cfg.block_k > _MIN_DOT:
-      cfg = dataclasses.replace(cfg, block_k=cfg.block_k // 2)
-    elif cfg.block_q > _MIN_DOT:
-      cfg = dataclasses.replace(cfg, block_q=cfg.block_q // 2)
-    else:
+  return shrink_to_fit(cfg, target, lambda c: shared_memory_bytes(c, head_dim, dtype), _shrink)
+
+
+def _shrink(cfg: AttentionConfig) -> AttentionConfig:
+  if cfg.num_stages > 2:
+    return dataclasses.replace(cfg, num_stages=cfg.num_stages - 1)
+  for name in ("block_k", "block_q"):
+    if getattr(cfg, name) > _MIN_DOT:
+      return dataclasses.replace(cfg, **{name: getattr(cfg, name) // 2})
+  return cfg
+
+
+def table_row(table: dict, fp32_table: dict, target: device.Target, *, head_dim: int,
+              dtype) -> tuple:
+  """The heuristic's starting row: `fp32_table[head_dim_pad]` for fp32, else
+  `table[(sm major, head_dim_pad)]`, head_dim_pad clamped to [64, 256]; non-GPU targets
+  (interpret) read Ampere's row. The backward config shares this."""
+  d_pad = max(64, min(256, padded_head_dim(head_dim)))
+  if jnp.dtype(dtype) == jnp.float32:
+    return fp32_table[d_pad]
+  return table[(9 if target.is_hopper else 8, d_pad)]
+
+
+def shared_memory_budget(target: device.Target) -> int:
+  """Shared memory a block may use on `target`; the A100's 163 KB where it is unknown."""
+  return target.max_shared_memory_bytes or 163 * 1024
+
+
+def shrink_to_fit(cfg, target: device.Target, size, shrink):
+  """`cfg` shrunk one `shrink(cfg)` step at a time until `size(cfg)` fits the target's shared
+  memory, or until `shrink` returns it unchanged (nothing left to shrink)."""
+  budget = shared_memory_budget(target)
+  while size(cfg) > budget:
+    smaller = shrink(cfg)
+    if smaller == cfg:
       break
+    cfg = smaller
   return cfg
 
 
@@ -137,7 +158,7 @@ def candidates(target: device.Target, q, k, v, **kwargs) -> list[AttentionConfig
   del k, v, kwargs
   head_dim, dtype = q.shape[-1], q.dtype
   default = heuristic(target, head_dim=head_dim, dtype=dtype)
-  budget = target.max_shared_memory_bytes or 163 * 1024
+  budget = shared_memory_budget(target)
   found = []
   for bq, bk, warps, stages in itertools.product((32, 64, 128, 256), (16, 32, 64, 128), (4, 8),
                                                  (2, 3, 4)):

@@ -20,7 +20,8 @@ import jax.numpy as jnp
 
 from pallas_kernels._core import config as config_lib
 from pallas_kernels._core import device
-from pallas_kernels.ops.attention.config import OP_DIR, padded_head_dim, tuning_key
+from pallas_kernels.ops.attention.config import (OP_DIR, padded_head_dim, shared_memory_budget,
+                                                 shrink_to_fit, table_row, tuning_key)
 
 _MIN_DOT = 16
 _BLOCKS = ("block_q_dkv", "block_k_dkv", "block_q_dq", "block_k_dq")
@@ -100,20 +101,9 @@ _FP32 = {64: (16, 32, 8, 2, 32, 16, 8, 2), 128: (16, 32, 8, 2, 32, 16, 8, 2),
 
 def heuristic(target: device.Target, *, head_dim: int, dtype) -> AttentionBwdConfig:
   """A config for `target` within its shared memory; non-GPU targets (interpret) get Ampere's."""
-  major = 9 if target.is_hopper else 8
-  d_pad = max(64, min(256, padded_head_dim(head_dim)))
-  if jnp.dtype(dtype) == jnp.float32:
-    cfg = AttentionBwdConfig(*_FP32[d_pad])
-  else:
-    cfg = AttentionBwdConfig(*_TABLE[(major, d_pad)])
-  budget = target.max_shared_memory_bytes or 163 * 1024
+  cfg = AttentionBwdConfig(*table_row(_TABLE, _FP32, target, head_dim=head_dim, dtype=dtype))
   # Only smaller cards (99 KB) reach this: fewer stages, then smaller tiles.
-  while shared_memory_bytes(cfg, head_dim, dtype) > budget:
-    smaller = _shrink(cfg)
-    if smaller == cfg:
-      break
-    cfg = smaller
-  return cfg
+  return shrink_to_fit(cfg, target, lambda c: shared_memory_bytes(c, head_dim, dtype), _shrink)
 
 
 def _shrink(cfg: AttentionBwdConfig) -> AttentionBwdConfig:
@@ -138,3 +128,48 @@ def resolve(explicit: AttentionBwdConfig | None, *, head_dim: int, dtype, causal
                        kv_len=kv_len)
   return config_lib.resolve(AttentionBwdConfig, explicit, OP_DIR, key,
                             lambda target: heuristic(target, head_dim=head_dim, dtype=dtype))
+
+
+# --- Hook for `python -m pallas_kernels.autotune --pass backward` (the public call's arguments)
+
+_CANDIDATE_BLOCKS = (16, 32, 64, 128)
+_CANDIDATE_WARPS = (4, 8)
+_CANDIDATE_STAGES = (1, 2, 3)
+# fp32 accumulator registers a thread the hungrier kernel may hold (as the forward's candidates):
+# sm_90 d128's heuristic dk/dv (two [128, 128] accumulators, 8 warps) sits at the limit.
+MAX_ACCUMULATOR_REGISTERS = 128
+
+
+def bwd_candidates(target: device.Target, q, k, v, **kwargs) -> list[AttentionBwdConfig]:
+  """Autotune hook: the heuristic first, then configs within shared memory whose accumulators
+  stay <= MAX_ACCUMULATOR_REGISTERS a thread (or the heuristic's count, if more), nearest the
+  heuristic first. The dk/dv and dq kernels run one after the other, so their halves of the
+  config vary independently: each half is pruned alone (the other at the heuristic's), then
+  paired."""
+  del k, v, kwargs
+  head_dim, dtype = q.shape[-1], q.dtype
+  default = heuristic(target, head_dim=head_dim, dtype=dtype)
+  budget = shared_memory_budget(target)
+  registers = max(MAX_ACCUMULATOR_REGISTERS, accumulator_registers(default, head_dim))
+
+  def fits(cfg: AttentionBwdConfig) -> bool:
+    return (shared_memory_bytes(cfg, head_dim, dtype) <= budget
+            and accumulator_registers(cfg, head_dim) <= registers)
+
+  def halves(kernel: str) -> list[dict]:
+    names = (f"block_q_{kernel}", f"block_k_{kernel}", f"num_warps_{kernel}",
+             f"num_stages_{kernel}")
+    found = [dict(zip(names, (bq, bk, warps, stages)))
+             for bq in _CANDIDATE_BLOCKS for bk in _CANDIDATE_BLOCKS
+             for warps in _CANDIDATE_WARPS for stages in _CANDIDATE_STAGES]
+    return [h for h in found if fits(dataclasses.replace(default, **h))]
+
+  def distance(cfg: AttentionBwdConfig) -> tuple:  # x2 steps per tile or warp field, + stages
+    steps = sum(abs(getattr(cfg, f.name).bit_length() - getattr(default, f.name).bit_length())
+                if f.name.startswith(("block", "num_warps"))
+                else abs(getattr(cfg, f.name) - getattr(default, f.name))
+                for f in dataclasses.fields(cfg))
+    return steps, dataclasses.astuple(cfg)
+
+  pairs = {AttentionBwdConfig(**dkv, **dq) for dkv in halves("dkv") for dq in halves("dq")}
+  return [default, *sorted(pairs - {default}, key=distance)]

@@ -22,6 +22,7 @@ masked-above ranges like the forward (`triton._kv_tile_ranges`, and its mirror
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -339,89 +340,103 @@ def _grouped(x, num_kv_heads: int):
   return x.reshape(batch, q_len, num_kv_heads, num_heads // num_kv_heads, *rest)
 
 
-def _count_outputs(batch: int, num_kv_heads: int, num_tiles: int, index_map):
-  shape = jax.ShapeDtypeStruct((batch, num_kv_heads, num_tiles), jnp.int32)
-  spec = pl.BlockSpec((pl.squeezed,) * 3, index_map)
-  return [shape, shape], [spec, spec]
+class _Sizes(NamedTuple):
+  """The problem's sizes and one gradient kernel's tiles (`tiles`, as the forward's)."""
+  batch: int
+  q_len: int
+  kv_len: int
+  num_kv_heads: int
+  group: int
+  head_dim: int
+  head_dim_pad: int
+  positions: int  # query positions per q tile
+  group_pad: int
+  block_k: int    # keys per kv tile
+
+
+def _sizes(q, k, block_rows: int, block_k: int) -> _Sizes:
+  batch, q_len, num_heads, head_dim = q.shape
+  kv_len, num_kv_heads = k.shape[1], k.shape[2]
+  group = num_heads // num_kv_heads
+  positions, group_pad, block_k = tiles(block_rows, block_k, q_len=q_len, kv_len=kv_len,
+                                        group=group)
+  return _Sizes(batch, q_len, kv_len, num_kv_heads, group, head_dim,
+                config_lib.padded_head_dim(head_dim), positions, group_pad, block_k)
+
+
+def _gradient_call(kernel, operands, sz: _Sizes, *, num_tiles: int, q_spec, kv_spec, vec_spec,
+                   out_shape, out_specs, count_index_map, num_warps: int, num_stages: int,
+                   interpret: bool, name: str):
+  """One gradient kernel over grid (tile, batch, kv head). `operands`: q, k, v, dO, lse2, delta
+  (the q-shaped ones passed grouped, `_grouped`), lengths, q_offset. With `count_index_map`, two
+  more outputs: the masked and unmasked tile counts [batch, kv_heads, num_tiles]."""
+  q, k, v, do, lse2, delta, lengths, q_offset = operands
+  if count_index_map is not None:
+    count = jax.ShapeDtypeStruct((sz.batch, sz.num_kv_heads, num_tiles), jnp.int32)
+    count_spec = pl.BlockSpec((pl.squeezed,) * 3, count_index_map)
+    out_shape, out_specs = [*out_shape, count, count], [*out_specs, count_spec, count_spec]
+  row_spec = pl.BlockSpec((pl.squeezed,), lambda t, b, h: (b,))
+  return pl.pallas_call(
+      kernel,
+      grid=(num_tiles, sz.batch, sz.num_kv_heads),
+      in_specs=[q_spec, kv_spec, kv_spec, q_spec, vec_spec, vec_spec, row_spec, row_spec],
+      out_specs=out_specs,
+      out_shape=out_shape,
+      compiler_params=compat.triton_params(num_warps, num_stages),
+      interpret=interpret,
+      name=name,
+  )(_grouped(q, sz.num_kv_heads), k, v, _grouped(do, sz.num_kv_heads),
+    _grouped(lse2, sz.num_kv_heads), _grouped(delta, sz.num_kv_heads), lengths, q_offset)
 
 
 def _dkdv(q, k, v, do, lse2, delta, lengths, q_offset, *, causal, window, softcap, scale, cfg,
           interpret, count_tiles):
-  batch, q_len, num_heads, head_dim = q.shape
-  kv_len, num_kv_heads = k.shape[1], k.shape[2]
-  group = num_heads // num_kv_heads
-  positions, group_pad, block_k = tiles(cfg.block_q_dkv, cfg.block_k_dkv, q_len=q_len,
-                                        kv_len=kv_len, group=group)
-  head_dim_pad = config_lib.padded_head_dim(head_dim)
-  num_kv_tiles = _cdiv(kv_len, block_k)
-  q_rows = _cdiv(q_len, positions) * positions  # the q sequence, padded to whole tiles
+  sz = _sizes(q, k, cfg.block_q_dkv, cfg.block_k_dkv)
+  num_kv_tiles = _cdiv(sz.kv_len, sz.block_k)
+  q_rows = _cdiv(sz.q_len, sz.positions) * sz.positions  # the q sequence, padded to whole tiles
   sq = pl.squeezed
   # The whole q sequence of the program's group (all its query heads); the kernel walks it.
-  seq_spec = pl.BlockSpec((sq, q_rows, sq, group_pad, head_dim_pad),
+  seq_spec = pl.BlockSpec((sq, q_rows, sq, sz.group_pad, sz.head_dim_pad),
                           lambda j, b, h: (b, 0, h, 0, 0))
-  vec_spec = pl.BlockSpec((sq, q_rows, sq, group_pad), lambda j, b, h: (b, 0, h, 0))
-  kv_spec = pl.BlockSpec((sq, block_k, sq, head_dim_pad), lambda j, b, h: (b, j, h, 0))
-  row_spec = pl.BlockSpec((sq,), lambda j, b, h: (b,))
-  out_shape = [jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)]
-  out_specs = [kv_spec, kv_spec]
-  if count_tiles:
-    shapes, specs = _count_outputs(batch, num_kv_heads, num_kv_tiles, lambda j, b, h: (b, h, j))
-    out_shape += shapes
-    out_specs += specs
+  vec_spec = pl.BlockSpec((sq, q_rows, sq, sz.group_pad), lambda j, b, h: (b, 0, h, 0))
+  kv_spec = pl.BlockSpec((sq, sz.block_k, sq, sz.head_dim_pad), lambda j, b, h: (b, j, h, 0))
   kernel = functools.partial(
-      _dkdv_kernel, q_len=q_len, kv_len=kv_len, group=group, head_dim=head_dim,
-      positions=positions, causal=causal, window=window, softcap=softcap, scale=scale,
+      _dkdv_kernel, q_len=sz.q_len, kv_len=sz.kv_len, group=sz.group, head_dim=sz.head_dim,
+      positions=sz.positions, causal=causal, window=window, softcap=softcap, scale=scale,
       count_tiles=count_tiles)
-  return pl.pallas_call(
-      kernel,
-      grid=(num_kv_tiles, batch, num_kv_heads),  # causal: kv tile 0, the heaviest, first
-      in_specs=[seq_spec, kv_spec, kv_spec, seq_spec, vec_spec, vec_spec, row_spec, row_spec],
-      out_specs=out_specs,
-      out_shape=out_shape,
-      compiler_params=compat.triton_params(cfg.num_warps_dkv, cfg.num_stages_dkv),
-      interpret=interpret,
-      name="attention_bwd_dkdv",
-  )(_grouped(q, num_kv_heads), k, v, _grouped(do, num_kv_heads), _grouped(lse2, num_kv_heads),
-    _grouped(delta, num_kv_heads), lengths, q_offset)
+  return _gradient_call(
+      kernel, (q, k, v, do, lse2, delta, lengths, q_offset), sz,
+      num_tiles=num_kv_tiles,  # causal: kv tile 0, the heaviest, first
+      q_spec=seq_spec, kv_spec=kv_spec, vec_spec=vec_spec,
+      out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
+      out_specs=[kv_spec, kv_spec],
+      count_index_map=(lambda j, b, h: (b, h, j)) if count_tiles else None,
+      num_warps=cfg.num_warps_dkv, num_stages=cfg.num_stages_dkv, interpret=interpret,
+      name="attention_bwd_dkdv")
 
 
 def _dq(q, k, v, do, lse2, delta, lengths, q_offset, *, causal, window, softcap, scale, cfg,
         interpret, count_tiles):
-  batch, q_len, num_heads, head_dim = q.shape
-  kv_len, num_kv_heads = k.shape[1], k.shape[2]
-  group = num_heads // num_kv_heads
-  positions, group_pad, block_k = tiles(cfg.block_q_dq, cfg.block_k_dq, q_len=q_len,
-                                        kv_len=kv_len, group=group)
-  head_dim_pad = config_lib.padded_head_dim(head_dim)
-  num_q_tiles = _cdiv(q_len, positions)
+  sz = _sizes(q, k, cfg.block_q_dq, cfg.block_k_dq)
+  num_q_tiles = _cdiv(sz.q_len, sz.positions)
   last = num_q_tiles - 1
   sq = pl.squeezed
-  q_spec = pl.BlockSpec((sq, positions, sq, group_pad, head_dim_pad),
+  q_spec = pl.BlockSpec((sq, sz.positions, sq, sz.group_pad, sz.head_dim_pad),
                         lambda i, b, h: (b, last - i, h, 0, 0))
-  vec_spec = pl.BlockSpec((sq, positions, sq, group_pad), lambda i, b, h: (b, last - i, h, 0))
-  kv_spec = pl.BlockSpec((sq, _cdiv(kv_len, block_k) * block_k, sq, head_dim_pad),
+  vec_spec = pl.BlockSpec((sq, sz.positions, sq, sz.group_pad),
+                          lambda i, b, h: (b, last - i, h, 0))
+  kv_spec = pl.BlockSpec((sq, _cdiv(sz.kv_len, sz.block_k) * sz.block_k, sq, sz.head_dim_pad),
                          lambda i, b, h: (b, 0, h, 0))
-  row_spec = pl.BlockSpec((sq,), lambda i, b, h: (b,))
-  out_shape = [jax.ShapeDtypeStruct(_grouped(q, num_kv_heads).shape, q.dtype)]
-  out_specs = [q_spec]
-  if count_tiles:
-    shapes, specs = _count_outputs(batch, num_kv_heads, num_q_tiles,
-                                   lambda i, b, h: (b, h, last - i))
-    out_shape += shapes
-    out_specs += specs
   kernel = functools.partial(
-      _dq_kernel, q_len=q_len, kv_len=kv_len, group=group, head_dim=head_dim,
-      positions=positions, block_k=block_k, causal=causal, window=window, softcap=softcap,
+      _dq_kernel, q_len=sz.q_len, kv_len=sz.kv_len, group=sz.group, head_dim=sz.head_dim,
+      positions=sz.positions, block_k=sz.block_k, causal=causal, window=window, softcap=softcap,
       scale=scale, num_q_tiles=num_q_tiles, count_tiles=count_tiles)
-  dq, *counts = pl.pallas_call(
-      kernel,
-      grid=(num_q_tiles, batch, num_kv_heads),
-      in_specs=[q_spec, kv_spec, kv_spec, q_spec, vec_spec, vec_spec, row_spec, row_spec],
-      out_specs=out_specs,
-      out_shape=out_shape,
-      compiler_params=compat.triton_params(cfg.num_warps_dq, cfg.num_stages_dq),
-      interpret=interpret,
-      name="attention_bwd_dq",
-  )(_grouped(q, num_kv_heads), k, v, _grouped(do, num_kv_heads), _grouped(lse2, num_kv_heads),
-    _grouped(delta, num_kv_heads), lengths, q_offset)
+  dq, *counts = _gradient_call(
+      kernel, (q, k, v, do, lse2, delta, lengths, q_offset), sz,
+      num_tiles=num_q_tiles, q_spec=q_spec, kv_spec=kv_spec, vec_spec=vec_spec,
+      out_shape=[jax.ShapeDtypeStruct(_grouped(q, sz.num_kv_heads).shape, q.dtype)],
+      out_specs=[q_spec],
+      count_index_map=(lambda i, b, h: (b, h, last - i)) if count_tiles else None,
+      num_warps=cfg.num_warps_dq, num_stages=cfg.num_stages_dq, interpret=interpret,
+      name="attention_bwd_dq")
   return (dq.reshape(q.shape), *counts)

@@ -12,6 +12,9 @@ Gradients (reverse mode: jax.grad, vjp, under jit, vmap, checkpoint): "xla" by a
 the reference; "triton" through a custom_vjp whose backward is a Pallas kernel (dx =
 dresidual, and dweight/dbias reduced from per-program partials), rows padded wider than
 8192 excepted (their backward runs as XLA ops).
+
+`config` and `bwd_config` are `NormConfig`s of the forward and the backward kernel; each
+defaults to the device's tuned table, else a heuristic (`config.resolve`, `resolve_bwd`).
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ _LAYER_IMPLS = (
 )
 
 
-def _check(op: str, x, vectors: dict, residual, eps, config) -> None:
+def _check(op: str, x, vectors: dict, residual, eps, config, bwd_config) -> None:
   """`vectors`: {"weight": ...} or {"weight": ..., "bias": ...}, each required `[D]`."""
   checks.array(op, "x", x, dtypes=checks.FLOAT_DTYPES)
   if x.ndim < 1:
@@ -51,20 +54,23 @@ def _check(op: str, x, vectors: dict, residual, eps, config) -> None:
   checks.same_dtype(op, ("x", *(n for n, _ in named)), (x, *(v for _, v in named)))
   checks.positive_float(op, "eps", eps, allow_none=False)
   checks.config_type(op, config, NormConfig)
+  checks.config_type(op, bwd_config, NormConfig, "bwd_config")
 
 
 def rms_norm(x, weight, *, eps: float = 1e-6, residual=None, impl: str | None = None,
-             interpret: bool = False, config: NormConfig | None = None):
+             interpret: bool = False, config: NormConfig | None = None,
+             bwd_config: NormConfig | None = None):
   """`x / sqrt(mean(x**2, -1) + eps) * weight`; with `residual`, `(rms_norm(h), h)`."""
-  _check("rms_norm", x, {"weight": weight}, residual, eps, config)
+  _check("rms_norm", x, {"weight": weight}, residual, eps, config, bwd_config)
   return dispatch.call("rms_norm", impl, interpret, _RMS_IMPLS, x, weight,
-                       eps=eps, residual=residual, config=config)
+                       eps=eps, residual=residual, config=config, bwd_config=bwd_config)
 
 
 def layer_norm(x, weight, bias, *, eps: float = 1e-5, residual=None, impl: str | None = None,
-               interpret: bool = False, config: NormConfig | None = None):
+               interpret: bool = False, config: NormConfig | None = None,
+               bwd_config: NormConfig | None = None):
   """`(x - mean) / sqrt(var + eps) * weight + bias` over the last axis; with `residual`,
   `(layer_norm(h), h)`."""
-  _check("layer_norm", x, {"weight": weight, "bias": bias}, residual, eps, config)
+  _check("layer_norm", x, {"weight": weight, "bias": bias}, residual, eps, config, bwd_config)
   return dispatch.call("layer_norm", impl, interpret, _LAYER_IMPLS, x, weight, bias,
-                       eps=eps, residual=residual, config=config)
+                       eps=eps, residual=residual, config=config, bwd_config=bwd_config)

@@ -1,10 +1,11 @@
 """Tuning knobs of the normalization kernels: block of rows per program, warps, stages.
 
-The backward kernel (`triton._norm_bwd_rows`) takes the same `NormConfig` from its own tuning
-key (kind "rms_bwd" / "layer_bwd") and heuristic (`bwd_heuristic`): it holds more arrays per
-element (dy, h, dh and the fp32 dweight/dbias accumulators), so it uses a quarter of the
-forward's elements per thread where the row allows. Its grid is not a config field:
-`bwd_programs` caps it at a few programs per SM, each looping over its share of row blocks.
+The backward kernel (`triton._norm_bwd_rows`) takes the same `NormConfig`: the public ops'
+`bwd_config=`, else its own tuning key (kind "rms_bwd" / "layer_bwd"), else its own heuristic
+(`bwd_heuristic`). It holds more arrays per element (dy, h, dh and the fp32 dweight/dbias
+accumulators), so it uses a quarter of the forward's elements per thread where the row allows.
+Its grid is not a config field: `bwd_programs` caps it at a few programs per SM, each looping
+over its share of row blocks.
 
 Resolution (explicit > tuned table > heuristic) goes through `_core.config.resolve`.
 The kernel holds one block of `block_rows x padded_width` elements of each streamed
@@ -70,19 +71,25 @@ def heuristic(target: device.Target, width: int) -> NormConfig:
   wide rows get one row and more warps (one warp per 512 elements, at most 16).
   Off-GPU (interpret mode) the same rule keeps the grid short.
   """
+  return _tile_config(width, 8192 if target.is_hopper else 4096, ELEMENTS_PER_THREAD)
+
+
+def _tile_config(width: int, tile_elements: int, elements_per_thread: int) -> NormConfig:
+  """Rows of padded width filling ~`tile_elements`, one thread per `elements_per_thread`."""
   block_width = next_power_of_2(width)
-  elements = 8192 if target.is_hopper else 4096
-  block_rows = min(MAX_BLOCK_ROWS, max(1, elements // block_width))
-  threads = block_rows * block_width // ELEMENTS_PER_THREAD
+  block_rows = min(MAX_BLOCK_ROWS, max(1, tile_elements // block_width))
+  threads = block_rows * block_width // elements_per_thread
   num_warps = min(MAX_WARPS, max(1, threads // 32))
   return NormConfig(block_rows=block_rows, num_warps=num_warps, num_stages=1)
 
 
 def resolve(explicit: NormConfig | None, width: int, dtype, residual: bool,
-            kind: str) -> NormConfig:
+            kind: str, heuristic_fn=None) -> NormConfig:
+  """Explicit, else the tuned table under `kind`, else `heuristic_fn` (default `heuristic`)."""
   key = tuning_key(width, dtype, residual, kind)
+  fallback = heuristic_fn or heuristic
   return config_lib.resolve(NormConfig, explicit, OP_DIR, key,
-                            lambda target: heuristic(target, width))
+                            lambda target: fallback(target, width))
 
 
 # --- Backward ------------------------------------------------------------------------------
@@ -107,18 +114,14 @@ FALLBACK_NUM_SMS = 108  # off-GPU (interpret mode): an A100's count
 def bwd_heuristic(target: device.Target, width: int) -> NormConfig:
   """Tile of ~2k elements (one row when wider), one warp per 128 of them, at most 16."""
   del target  # the same rule on Ampere and Hopper: the grid, not the tile, fills the SMs
-  block_width = next_power_of_2(width)
-  block_rows = min(MAX_BLOCK_ROWS, max(1, BWD_TILE_ELEMENTS // block_width))
-  threads = block_rows * block_width // BWD_ELEMENTS_PER_THREAD
-  num_warps = min(MAX_WARPS, max(1, threads // 32))
-  return NormConfig(block_rows=block_rows, num_warps=num_warps, num_stages=1)
+  return _tile_config(width, BWD_TILE_ELEMENTS, BWD_ELEMENTS_PER_THREAD)
 
 
-def resolve_bwd(width: int, dtype, residual: bool, kind: str) -> NormConfig:
-  """The backward's config: tuned table (kind "<kind>_bwd"), else `bwd_heuristic`."""
-  key = tuning_key(width, dtype, residual, f"{kind}_bwd")
-  return config_lib.resolve(NormConfig, None, OP_DIR, key,
-                            lambda target: bwd_heuristic(target, width))
+def resolve_bwd(explicit: NormConfig | None, width: int, dtype, residual: bool,
+                kind: str) -> NormConfig:
+  """The backward's config: explicit, else the tuned table (kind "<kind>_bwd"), else
+  `bwd_heuristic`."""
+  return resolve(explicit, width, dtype, residual, f"{kind}_bwd", bwd_heuristic)
 
 
 def bwd_programs(row_blocks: int, target: device.Target) -> int:
@@ -159,5 +162,43 @@ def candidates(target: device.Target, x, *args, **kwargs) -> list[NormConfig]:
     log2 = lambda v: v.bit_length()
     return (abs(log2(cfg.block_rows) - log2(default.block_rows))
             + abs(log2(cfg.num_warps) - log2(default.num_warps)), cfg.block_rows, cfg.num_warps)
+
+  return sorted(set(found) | {default}, key=distance)
+
+
+# Backward (`--pass backward`: GRAD_CASES, candidates passed as `bwd_config=`).
+
+def autotune_bwd_key(op: str, x, *args, residual=None, **kwargs) -> dict | None:
+  """`resolve_bwd`'s key; None where the backward runs as XLA ops (no kernel to tune)."""
+  if next_power_of_2(x.shape[-1]) > BWD_MAX_BLOCK_WIDTH:
+    return None
+  return tuning_key(x.shape[-1], x.dtype, residual is not None, f"{_kind(op)}_bwd")
+
+
+def autotune_bwd_default(target: device.Target, x, *args, **kwargs) -> NormConfig:
+  return bwd_heuristic(target, x.shape[-1])
+
+
+def bwd_candidates(target: device.Target, x, *args, **kwargs) -> list[NormConfig]:
+  """Tiles of 512..8k elements (one row when wider), 2..16 elements of each array per thread,
+  1..3 stages (the kernel loops over row blocks, so its loads can be pipelined), nearest
+  `bwd_heuristic` first."""
+  block_width = next_power_of_2(x.shape[-1])
+  default = bwd_heuristic(target, x.shape[-1])
+  found = []
+  for block_rows in (1, 2, 4, 8, 16, 32, 64):
+    elements = block_rows * block_width
+    if block_rows > 1 and not 512 <= elements <= 8192:
+      continue
+    for num_warps in (1, 2, 4, 8, 16):
+      if 2 <= elements // (32 * num_warps) <= 16:
+        found += [NormConfig(block_rows, num_warps, stages) for stages in (1, 2, 3)]
+
+  def distance(cfg: NormConfig) -> tuple:
+    log2 = lambda v: v.bit_length()
+    return (abs(log2(cfg.block_rows) - log2(default.block_rows))
+            + abs(log2(cfg.num_warps) - log2(default.num_warps))
+            + abs(cfg.num_stages - default.num_stages),
+            cfg.block_rows, cfg.num_warps, cfg.num_stages)
 
   return sorted(set(found) | {default}, key=distance)

@@ -235,6 +235,7 @@ class _Static(NamedTuple):
   eps: float
   kind: str
   cfg: config_lib.NormConfig
+  bwd_cfg: config_lib.NormConfig | None  # explicit `bwd_config`; None: resolved in the backward
   interpret: bool
 
 
@@ -276,7 +277,7 @@ def _norm_diff_bwd(static: _Static, saved, cotangent):
   if config_lib.next_power_of_2(width) > config_lib.BWD_MAX_BLOCK_WIDTH:
     dx, dweight, dbias = _norm_bwd_xla(dy, h, dh, weight, eps=static.eps, kind=static.kind)
     return dx, dx if fused else None, dweight, dbias
-  cfg = config_lib.resolve_bwd(width, h.dtype, fused, static.kind)
+  cfg = config_lib.resolve_bwd(static.bwd_cfg, width, h.dtype, fused, static.kind)
   programs = _bwd_programs(rows, cfg)
   dx, dweight, dbias = _norm_bwd_rows(dy, h, dh, weight, eps=static.eps, kind=static.kind,
                                       cfg=cfg, programs=programs, interpret=static.interpret)
@@ -287,7 +288,7 @@ def _norm_diff_bwd(static: _Static, saved, cotangent):
 _norm_diff.defvjp(_norm_diff_fwd, _norm_diff_bwd)
 
 
-def _norm(x, weight, bias, *, eps, residual, kind, interpret, config):
+def _norm(x, weight, bias, *, eps, residual, kind, interpret, config, bwd_config):
   width = x.shape[-1]
   if x.size == 0:  # an empty batch: nothing to launch
     return (x, x) if residual is not None else x
@@ -295,20 +296,22 @@ def _norm(x, weight, bias, *, eps, residual, kind, interpret, config):
   rows_shape = (-1, width)
   out = _norm_diff(x.reshape(rows_shape),
                    None if residual is None else residual.reshape(rows_shape),
-                   weight, bias, _Static(float(eps), kind, cfg, interpret))
+                   weight, bias, _Static(float(eps), kind, cfg, bwd_config, interpret))
   if residual is None:
     return out.reshape(x.shape)
   return out[0].reshape(x.shape), out[1].reshape(x.shape)
 
 
-def rms_norm(x, weight, *, eps=1e-6, residual=None, interpret=False, config=None):
+def rms_norm(x, weight, *, eps=1e-6, residual=None, interpret=False, config=None,
+             bwd_config=None):
   return _norm(x, weight, None, eps=eps, residual=residual, kind="rms",
-               interpret=interpret, config=config)
+               interpret=interpret, config=config, bwd_config=bwd_config)
 
 
-def layer_norm(x, weight, bias, *, eps=1e-5, residual=None, interpret=False, config=None):
+def layer_norm(x, weight, bias, *, eps=1e-5, residual=None, interpret=False, config=None,
+               bwd_config=None):
   return _norm(x, weight, bias, eps=eps, residual=residual, kind="layer",
-               interpret=interpret, config=config)
+               interpret=interpret, config=config, bwd_config=bwd_config)
 
 
 def refuses(x, *args, **kwargs) -> str | None:

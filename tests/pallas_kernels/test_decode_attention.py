@@ -293,9 +293,7 @@ def test_bad_config_values():
 # ---- config: heuristic, tuning key, tuned table -----------------------------------------------
 
 def _abstract_mesh(kind, num_cores):
-  ad = jax.sharding.AbstractDevice(device_kind=kind, num_cores=num_cores, platform="gpu")
-  return jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh(
-      (1,), ("x",), (jax.sharding.AxisType.Explicit,), abstract_device=ad))
+  return testing.abstract_gpu(kind, num_cores)
 
 
 def test_heuristic_splits_fill_the_gpu_for_small_batches():

@@ -2,6 +2,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
+from pallas_kernels import testing
 from pallas_kernels._core import config, dispatch, device
 
 
@@ -48,9 +49,7 @@ def test_explicit_impl_errors_say_why():
 
 
 def _abstract_mesh(kind):
-  ad = jax.sharding.AbstractDevice(device_kind=kind, num_cores=8, platform="gpu")
-  return jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh(
-      (1,), ("x",), (jax.sharding.AxisType.Explicit,), abstract_device=ad))
+  return testing.abstract_gpu(kind)
 
 
 def test_target_follows_abstract_device():

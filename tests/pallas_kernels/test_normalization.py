@@ -149,9 +149,7 @@ def test_too_wide_rows_fall_back_or_explain():
 
 
 def _abstract_mesh(kind):
-  ad = jax.sharding.AbstractDevice(device_kind=kind, num_cores=132, platform="gpu")
-  return jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh(
-      (1,), ("x",), (jax.sharding.AxisType.Explicit,), abstract_device=ad))
+  return testing.abstract_gpu(kind, 132)
 
 
 @pytest.mark.parametrize("device_kind", ["NVIDIA A100-SXM4-80GB", "NVIDIA H100 80GB HBM3"])

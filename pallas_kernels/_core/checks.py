@@ -78,10 +78,13 @@ def positive_float(op: str, name: str, value, *, allow_none: bool = True) -> Non
                      f"got {value!r}")
 
 
-def config_type(op: str, config, cls: type, name: str = "config") -> None:
-  """An explicit kernel config must be the op's own config class (or None: resolved later)."""
-  if config is not None and not isinstance(config, cls):
-    raise TypeError(f"{op}: `{name}` expected {cls.__name__} or None, "
+def config_type(op: str, config, cls: type | tuple[type, ...], name: str = "config") -> None:
+  """An explicit kernel config must be one of the op's config classes (or None: resolved
+  later)."""
+  classes = cls if isinstance(cls, tuple) else (cls,)
+  if config is not None and not isinstance(config, classes):
+    expected = " or ".join(c.__name__ for c in classes)
+    raise TypeError(f"{op}: `{name}` expected {expected} or None, "
                     f"got {type(config).__name__}")
 
 

@@ -1,7 +1,7 @@
-"""`attention`: argument checks, then dispatch to the Triton kernels or the XLA reference.
+"""`attention`: argument checks, then dispatch to the Pallas kernels or the XLA reference.
 
-Both implementations are differentiable: "triton" through its FlashAttention-2 backward
-kernels (`vjp.py`, `triton_bwd.py`), "xla" by autodiff of the reference.
+Every implementation is differentiable: "triton" and "mosaic" through the FlashAttention-2
+backward kernels (`vjp.py`, `triton_bwd.py`), "xla" by autodiff of the reference.
 """
 
 from __future__ import annotations
@@ -10,11 +10,13 @@ import jax
 import jax.numpy as jnp
 
 from pallas_kernels._core import checks, dispatch
+from pallas_kernels.ops.attention import mosaic as mosaic_impl
 from pallas_kernels.ops.attention import reference
 from pallas_kernels.ops.attention import triton as triton_impl
 from pallas_kernels.ops.attention import vjp
 from pallas_kernels.ops.attention.config import AttentionConfig
 from pallas_kernels.ops.attention.config_bwd import AttentionBwdConfig
+from pallas_kernels.ops.attention.mosaic import MosaicAttentionConfig
 
 OP = "attention"
 
@@ -25,6 +27,9 @@ _reference_jit = jax.jit(reference.attention, static_argnames=(
 
 IMPLEMENTATIONS = (
     dispatch.Implementation("triton", vjp.attention, refuses=triton_impl.refuses),
+    # After "triton": the default stays Triton until a real H100 has validated this kernel.
+    dispatch.Implementation("mosaic", vjp.mosaic_attention, hopper_only=True,
+                            refuses=mosaic_impl.refuses),
     dispatch.Implementation("xla", _reference_jit, is_pallas=False),
 )
 
@@ -32,7 +37,7 @@ IMPLEMENTATIONS = (
 def attention(q, k, v, *, causal: bool = True, lengths=None, q_offset=None,
               sliding_window: int | None = None, logit_softcap: float | None = None,
               scale: float | None = None, impl: str | None = None, interpret: bool = False,
-              config: AttentionConfig | None = None,
+              config: AttentionConfig | MosaicAttentionConfig | None = None,
               bwd_config: AttentionBwdConfig | None = None):
   """Multi-head attention for prefill and general use: softmax(scale · q kᵀ + mask) v.
 
@@ -49,9 +54,17 @@ def attention(q, k, v, *, causal: bool = True, lengths=None, q_offset=None,
     sliding_window: W (Mistral): key j is visible to query i when i - W < j <= i. Needs causal.
     logit_softcap: c (Gemma 2): logits = c * tanh(logits / c), after scaling.
     scale: logit scale, default 1 / sqrt(head_dim).
-    impl: "triton" or "xla"; None picks the Triton kernel on a GPU (or with interpret=True).
-    interpret: run the Pallas kernel in interpret mode (CPU).
-    config: an `AttentionConfig`; default: the tuned table of the device, else a heuristic.
+    impl: "triton", "mosaic" or "xla"; None picks the Triton kernel on a GPU (or with
+      interpret=True), else xla.
+      "triton": FlashAttention-2 forward (Ampere and Hopper), every option above.
+      "mosaic": FlashAttention-3-style forward for Hopper (Mosaic GPU: TMA producer, two wgmma
+        consumer warpgroups), every option above; bfloat16/float16 and head_dim 64 or 128
+        only (else refused with the reason). Backward: the Triton kernels. Not yet validated
+        on a GPU, hence never the default.
+    interpret: run the Pallas kernel in interpret mode (CPU; Mosaic GPU's interpreter for
+      "mosaic").
+    config: an `AttentionConfig` ("triton"; default: the tuned table of the device, else a
+      heuristic) or a `mosaic.MosaicAttentionConfig` ("mosaic"; default: a heuristic).
     bwd_config: an `AttentionBwdConfig` for the backward kernels (jax.grad and friends);
       default as for `config`.
 
@@ -62,6 +75,7 @@ def attention(q, k, v, *, causal: bool = True, lengths=None, q_offset=None,
   """
   _check(q, k, v, causal=causal, lengths=lengths, q_offset=q_offset,
          sliding_window=sliding_window, logit_softcap=logit_softcap, scale=scale)
+  checks.config_type(OP, config, (AttentionConfig, MosaicAttentionConfig))
   checks.config_type(OP, bwd_config, AttentionBwdConfig, "bwd_config")
   if q.shape[1] == 0 or k.shape[1] == 0:  # no queries, or no key for any of them
     return jnp.zeros(q.shape, q.dtype)

@@ -177,7 +177,9 @@ def _store(ref, value, mask):
     plgpu.store(ref, value, mask=mask)
 
 
-def refuses(q, k, v, **kwargs) -> str | None:
+def refuses(q, k, v, *, config=None, **kwargs) -> str | None:
+  if config is not None and not isinstance(config, config_lib.AttentionConfig):
+    return f"impl='triton' takes an AttentionConfig, got config={type(config).__name__}"
   if q.shape[-1] > MAX_HEAD_DIM:
     return (f"the Triton kernel supports head_dim <= {MAX_HEAD_DIM} (registers), "
             f"got {q.shape[-1]}")

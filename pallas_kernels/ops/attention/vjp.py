@@ -1,7 +1,9 @@
-"""The differentiable Triton path: forward kernel + FlashAttention-2 backward under custom_vjp.
+"""The differentiable kernel paths: a forward kernel + FlashAttention-2 backward under custom_vjp.
 
-The forward saves q, k, v, lengths, q_offset, the output and the fp32 log-sum-exp (the
-forward kernel's `return_lse`); the backward is `triton_bwd.backward`. Nothing of the size
+Two forwards share one backward: "triton" (`triton.py`) and "mosaic" (`mosaic.py`, Hopper);
+both return the output and the fp32 natural-log log-sum-exp [batch, q_len, num_heads] that
+`triton_bwd.backward` reads. The forward saves q, k, v, lengths, q_offset, the output and the
+lse; the backward is `triton_bwd.backward`. Nothing of the size
 [q_len, kv_len] is ever stored. Under `jax.checkpoint` the residuals follow the policy like
 any other values (with `nothing_saveable` the forward kernel runs again in the backward).
 `lengths` and `q_offset` are integer inputs: their cotangents are zero (None).
@@ -18,6 +20,7 @@ import jax.numpy as jnp
 
 from pallas_kernels.ops.attention import config as config_lib
 from pallas_kernels.ops.attention import config_bwd
+from pallas_kernels.ops.attention import mosaic as mosaic_fwd
 from pallas_kernels.ops.attention import triton as triton_fwd
 from pallas_kernels.ops.attention import triton_bwd
 
@@ -26,11 +29,12 @@ from pallas_kernels.ops.attention import triton_bwd
 class _Static:
   """Everything static about one call (hashable: a nondiff argument of the custom_vjp)."""
 
+  forward: str  # "triton" or "mosaic": which forward kernel runs
   causal: bool
   window: int | None
   softcap: float | None
   scale: float
-  cfg: config_lib.AttentionConfig
+  cfg: config_lib.AttentionConfig | mosaic_fwd.MosaicAttentionConfig  # the forward's config
   bwd_cfg: config_bwd.AttentionBwdConfig
   interpret: bool
 
@@ -39,22 +43,37 @@ class _Static:
                 interpret=self.interpret)
 
 
-def attention(q, k, v, *, causal: bool = True, lengths=None, q_offset=None,
-              sliding_window: int | None = None, logit_softcap: float | None = None,
-              scale: float | None = None, config: config_lib.AttentionConfig | None = None,
-              bwd_config: config_bwd.AttentionBwdConfig | None = None,
-              interpret: bool = False):
+def attention(q, k, v, *, causal: bool = True,
+              config: config_lib.AttentionConfig | None = None, **kwargs):
   """The "triton" implementation of `pallas_kernels.attention`. Arguments are checked by
-  `api.attention`."""
+  `api.attention`; the rest of `kwargs` as `_differentiable`."""
+  _, q_len, _, head_dim = q.shape
+  cfg = config_lib.resolve(config, head_dim=head_dim, dtype=q.dtype, causal=causal,
+                           q_len=q_len, kv_len=k.shape[1])
+  return _differentiable("triton", cfg, q, k, v, causal=causal, **kwargs)
+
+
+def mosaic_attention(q, k, v, *, config: mosaic_fwd.MosaicAttentionConfig | None = None,
+                     **kwargs):
+  """The "mosaic" implementation (Hopper forward, Triton backward). Arguments are checked by
+  `api.attention` and `mosaic.refuses`."""
+  return _differentiable("mosaic", config or mosaic_fwd.heuristic(q.shape[-1]), q, k, v,
+                         **kwargs)
+
+
+def _differentiable(forward: str, cfg, q, k, v, *, causal: bool = True, lengths=None,
+                    q_offset=None, sliding_window: int | None = None,
+                    logit_softcap: float | None = None, scale: float | None = None,
+                    bwd_config: config_bwd.AttentionBwdConfig | None = None,
+                    interpret: bool = False):
   batch, q_len, _, head_dim = q.shape
   kv_len = k.shape[1]
   shape = dict(head_dim=head_dim, dtype=q.dtype, causal=causal, q_len=q_len, kv_len=kv_len)
   static = _Static(
-      causal=causal, window=sliding_window,
+      forward=forward, causal=causal, window=sliding_window,
       softcap=None if logit_softcap is None else float(logit_softcap),
       scale=1.0 / math.sqrt(head_dim) if scale is None else float(scale),
-      cfg=config_lib.resolve(config, **shape), bwd_cfg=config_bwd.resolve(bwd_config, **shape),
-      interpret=interpret)
+      cfg=cfg, bwd_cfg=config_bwd.resolve(bwd_config, **shape), interpret=interpret)
   if lengths is None:
     lengths = jnp.full((batch,), kv_len, jnp.int32)
   if q_offset is None:
@@ -62,15 +81,23 @@ def attention(q, k, v, *, causal: bool = True, lengths=None, q_offset=None,
   return _attention(q, k, v, lengths, q_offset, static)
 
 
+def _forward(q, k, v, lengths, q_offset, static: _Static, *, return_lse: bool):
+  if static.forward == "mosaic":  # always computes the lse: it costs one row of fp32 a query
+    o, lse = mosaic_fwd.forward(q, k, v, lengths, q_offset, cfg=static.cfg,
+                                **static.kernel_kwargs())
+    return (o, lse) if return_lse else o
+  return triton_fwd._attention(q, k, v, lengths, q_offset, cfg=static.cfg,
+                               return_lse=return_lse, count_tiles=False,
+                               **static.kernel_kwargs())
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
 def _attention(q, k, v, lengths, q_offset, static: _Static):
-  return triton_fwd._attention(q, k, v, lengths, q_offset, cfg=static.cfg, return_lse=False,
-                               count_tiles=False, **static.kernel_kwargs())
+  return _forward(q, k, v, lengths, q_offset, static, return_lse=False)
 
 
 def _attention_fwd(q, k, v, lengths, q_offset, static: _Static):
-  o, lse = triton_fwd._attention(q, k, v, lengths, q_offset, cfg=static.cfg, return_lse=True,
-                                 count_tiles=False, **static.kernel_kwargs())
+  o, lse = _forward(q, k, v, lengths, q_offset, static, return_lse=True)
   return o, (q, k, v, lengths, q_offset, o, lse)
 
 

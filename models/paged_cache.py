@@ -64,18 +64,28 @@ def slots(block_tables: jax.Array, positions: jax.Array, valid: jax.Array, page_
 def write(pages: jax.Array, new: jax.Array, slot: jax.Array, *, in_bounds: bool = False
           ) -> jax.Array:
   """Scatter new [..., kv_heads, head_dim] rows into pages [num_pages, page_size, kv_heads,
-  head_dim] at flat `slot` [...]: in place under donation (the reshapes are bitcasts).
-  `in_bounds`: every slot is a real one (decode: padding rows write the scratch page); the
-  scatter then needs no bounds select, whose read of the old rows made XLA:CPU copy the pool."""
-  num_pages, page_size = pages.shape[:2]
-  flat = pages.reshape(num_pages * page_size, *pages.shape[2:])
+  head_dim] at flat `slot` [...] (page * page_size + offset): in place under donation.
+  `in_bounds`: every slot is a real one (decode: padding rows write the scratch page), so the
+  scatter needs no bounds check; otherwise slots past the pool are dropped.
+
+  The scatter indexes the pool as stored, by (page, offset), so the update's operand and result
+  have one shape. Scattering into a flat [num_pages * page_size, ...] view and reshaping back
+  put a bitcast between them; where a one-row scatter becomes a dynamic-update-slice fusion
+  (decode at batch 1), copy insertion then kept a copy of the pool before each write in the
+  decode loop: 60 per SmolLM2 step. Each was given the pool's own buffer (a memcpy onto itself,
+  which glibc skips, so XLA:CPU step times did not show them); tests/engine/test_pool_copies.py
+  keeps the count at 0."""
+  page_size = pages.shape[1]
+  slot = slot.reshape(-1)
   rows = new.reshape(-1, *new.shape[-2:]).astype(pages.dtype)
-  flat = flat.at[slot.reshape(-1)].set(rows, mode="promise_in_bounds" if in_bounds else "drop")
+  # A dropped slot (num_pages * page_size) lands on page num_pages: out of bounds, as it must be.
+  pages = pages.at[slot // page_size, slot % page_size].set(
+      rows, mode="promise_in_bounds" if in_bounds else "drop")
   # The barrier makes the scatter one in-place update that readers then share. Without it,
-  # XLA:CPU fuses a private copy of the scatter into each reader (the attention's gather and
-  # the next write), and each copy starts by duplicating the whole pool: 240 pool-sized copies
-  # per SmolLM2 decode step, 7x the step time at the default pool.
-  return jax.lax.optimization_barrier(flat.reshape(pages.shape))
+  # XLA:CPU fused a private copy of the scatter into each reader (the attention's gather and
+  # the next write), and each copy started by duplicating the whole pool (240 pool copies per
+  # SmolLM2 decode step, 7x the step time at the default pool).
+  return jax.lax.optimization_barrier(pages)
 
 
 def gather(pages: jax.Array, block_tables: jax.Array) -> jax.Array:

@@ -5,7 +5,10 @@ continuous batching (engine.scheduler): requests join and leave between steps, p
 prefilled in chunks beside the running decodes, and the newest request is preempted (and later
 recomputed) when pages run out. Each step dispatches the prefill chunks (a program per group of
 similar lengths) and one decode chunk of `decode_steps` steps (engine.paged_steps), then reads
-the previous step's outputs, so one step is always in flight while the host detokenizes.
+the previous step's decode chunk, so one chunk is always in flight while the host detokenizes,
+and last the first tokens of the prompts this step's prefill completed (the decode chunk queued
+behind them keeps the device busy meanwhile): a request's first token comes back from the step
+that ran its final prefill chunk, not one decode chunk later.
 `add_request` / `step` / `abort` drive it directly; `generate` and `stream` run it until their
 requests end.
 
@@ -149,7 +152,7 @@ class LLM:
                                decode_steps=self.paged_programs.decode_steps)
     self._pool = None           # (PagedKVCache, Slots) on the device, made on first use
     self._device_params = None  # per-slot RowParams on the device; None: to upload
-    self._in_flight = collections.deque()  # steps dispatched, not read: lists of _Ran
+    self._in_flight = collections.deque()  # decode chunks dispatched, not read: [_Ran] each
     self._live: dict[int, batching.Request] = {}  # unfinished requests by id
     self._just_ended: list[batching.Request] = []  # ended since the last _step returned
     self._unreturned: list[RequestOutput] = []    # add_request outputs ended, not yet stepped
@@ -470,8 +473,9 @@ class LLM:
       return req.output.request_id
 
   def step(self) -> list[RequestOutput]:
-    """One engine step: schedule, dispatch, read the previous step back. Returns the outputs of
-    the `add_request` requests that ended (finished, aborted, or failed) since the last call."""
+    """One engine step: schedule, dispatch, read back the previous decode chunk and the first
+    tokens of the prompts this step completed. Returns the outputs of the `add_request` requests
+    that ended (finished, aborted, or failed) since the last call."""
     self._require_paged("step")
     with self._lock:
       self._step()
@@ -555,26 +559,29 @@ class LLM:
         self._drop(req)  # closed early: the text so far stays, unfinished
 
   def _step(self) -> list[batching.Request]:
-    """Schedule and dispatch one step, then read back the oldest step in flight when another
-    is queued behind it (or nothing new was dispatched). Returns the requests that ended since
-    the last call (aborts included)."""
+    """Schedule and dispatch one step; read back the oldest decode chunk in flight when another
+    is queued behind it (or none was dispatched now), then the first tokens this step's prefill
+    sampled. Returns the requests that ended since the last call (aborts included)."""
     try:
       plan = self.scheduler.schedule()
-      if plan:
-        self._in_flight.append(self._dispatch(plan))
-      if self._in_flight and (len(self._in_flight) > 1 or not plan):
+      firsts, chunk = self._dispatch(plan) if plan else ([], [])
+      if chunk:
+        self._in_flight.append(chunk)
+      if self._in_flight and (len(self._in_flight) > 1 or not chunk):
         self._read(self._in_flight.popleft())
       elif self.scheduler.has_unfinished() and not plan:
         raise AssertionError("LLM: the scheduler made no progress")  # a bug, never a hang
+      self._read(firsts)  # waits for the prefill only: this step's decode chunk runs behind it
     except Exception as e:
       self._fail_all(f"LLM: the engine step failed: {e!r}")
       raise
     ended, self._just_ended = self._just_ended, []
     return ended
 
-  def _dispatch(self, plan) -> list[_Ran]:
-    """Run the plan's prefill programs (its chunks split to pad little), then its decode chunk;
-    the outputs stay on the device."""
+  def _dispatch(self, plan) -> tuple[list[_Ran], list[_Ran]]:
+    """Run the plan's prefill programs (its chunks split to pad little), then its decode chunk.
+    -> (the prefills that sampled first tokens, [the decode chunk] or []); their outputs stay on
+    the device."""
     groups = [[plan.chunks[i] for i in group] for group in
               self.paged_buckets.prefill_groups([c.length for c in plan.chunks])]
     inputs = [self._chunk_inputs(group) for group in groups]  # sets new rows' params first
@@ -582,22 +589,23 @@ class LLM:
     cache, slots = self._pool or (self.paged_programs.init_cache(),
                                   self.paged_programs.init_slots())
     self._pool = None  # donated below; a failure leaves no stale buffers behind
-    ran = []
+    firsts, chunk = [], []
     for group, (x, shape) in zip(groups, inputs):
       program = self.paged_programs.get("paged_prefill", shape)
       cache, slots, out = program(state, cache, slots, params, jax.device_put(x))
-      ran.append(_Ran(out, [(i, self._live[c.seq.seq_id]) for i, c in enumerate(group)
-                            if c.final], shape[0]))
+      rows = [(i, self._live[c.seq.seq_id]) for i, c in enumerate(group) if c.final]
+      if rows:  # chunks that end no prompt sample nothing to read
+        firsts.append(_Ran(out, rows, shape[0]))
     if plan.decode:
       tables = [self._table(seq, seq.kv_bound) for seq in plan.decode]
       shape = self.paged_buckets.decode_shape(len(plan.decode), max(map(len, tables)))
       x = batching.decode_inputs(plan.decode, tables, shape, self.max_batch_size)
       program = self.paged_programs.get("paged_decode", shape)
       cache, slots, out = program(state, cache, slots, params, jax.device_put(x))
-      ran.append(_Ran(out, [(i, self._live[seq.seq_id]) for i, seq in enumerate(plan.decode)],
-                      shape[0]))
+      chunk.append(_Ran(out, [(i, self._live[seq.seq_id]) for i, seq in enumerate(plan.decode)],
+                        shape[0]))
     self._pool = (cache, slots)
-    return ran
+    return firsts, chunk
 
   def _chunk_inputs(self, chunks):
     tables = [self._table(c.seq, c.start + c.length) for c in chunks]
@@ -621,8 +629,11 @@ class LLM:
     return self._device_params
 
   def _read(self, ran: list[_Ran]) -> None:
-    """Absorb one dispatched step's tokens, in dispatch order (the prefills' first tokens before
-    the decode chunk's); finished requests free their pages."""
+    """Absorb the tokens of dispatched programs (a decode chunk, or a step's prefills); finished
+    requests free their pages. A request's outputs are read in dispatch order: its first token
+    in the step of its final prefill chunk, each decode chunk in the step after its own."""
+    if not ran:
+      return
     outs = jax.device_get([r.out for r in ran])
     now = time.perf_counter()
     for out, r in zip(outs, ran):

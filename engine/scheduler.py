@@ -15,10 +15,11 @@ holds a decode slot and pages) or finished. Each `schedule()`:
      after them;
   4. a sequence whose prefill ends in this step joins this step's decode rows if its pages can
      grow without preempting anyone (else it joins next step).
-The engine dispatches a plan at once and reads its outputs one step later, so the host's token
-counts lag the device's by up to a step: `kv_bound` counts the positions every dispatched program
-may write (the lookahead covers the chunk in flight too), and a preempted sequence is admitted
-again only once all of its outputs have been read (its history is then known).
+The engine dispatches a plan at once; it reads the first tokens of the prompts the plan ends in
+the same step, and its decode chunk one step later, so the host's token counts lag the device's
+by up to a decode chunk: `kv_bound` counts the positions every dispatched program may write (the
+lookahead covers the chunk in flight too), and a preempted sequence is admitted again only once
+all of its outputs have been read (its history is then known).
 """
 
 from __future__ import annotations

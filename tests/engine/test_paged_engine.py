@@ -115,6 +115,30 @@ def test_scripted_add_step_abort(llm_v2):
   _assert_pool_empty(llm)
 
 
+def test_first_token_comes_back_from_the_step_of_its_last_prefill_chunk(uncached, monkeypatch):
+  """Time to first token: the first token is read in the step() that ran the prompt's last
+  chunk, not one step later behind a decode chunk; then one decode chunk per step."""
+  llm = uncached  # 16 prompt tokens per step, decode chunks of 4
+  _drain(llm)
+  one = SamplingParams(max_tokens=1, temperature=0, ignore_eos=True)
+  for length, num_chunks in [(5, 1), (16, 1), (40, 3)]:
+    rid = llm.add_request([97 + length % 26] * length, one)
+    assert [[o.request_id for o in llm.step()] for _ in range(num_chunks)] == (
+        [[]] * (num_chunks - 1) + [[rid]])
+  counts, step = [], llm._step
+
+  def counting_step():
+    ended = step()
+    counts.append(len(stream.output.token_ids))
+    return ended
+
+  monkeypatch.setattr(llm, "_step", counting_step)
+  stream = llm.stream([98] * 40, GREEDY)
+  assert "".join(stream) == stream.output.text
+  assert counts == [0, 0, 1, 5, 9, 13, 17, 20]
+  _assert_pool_empty(llm)
+
+
 def test_add_request_checks_like_generate(llm_v2, llm_v1):
   with pytest.raises(ValueError, match="`prompt`"):
     llm_v2.add_request("")

@@ -1,7 +1,8 @@
 """`attention`: argument checks, then dispatch to the Pallas kernels or the XLA reference.
 
-Every implementation is differentiable: "triton" and "mosaic" through the FlashAttention-2
-backward kernels (`vjp.py`, `triton_bwd.py`), "xla" by autodiff of the reference.
+Every implementation is differentiable: "triton" through its FlashAttention-2 backward kernels
+(`vjp.py`, `triton_bwd.py`), "mosaic" through Hopper backward kernels (`mosaic_bwd.py`), "xla"
+by autodiff of the reference.
 """
 
 from __future__ import annotations
@@ -59,8 +60,9 @@ def attention(q, k, v, *, causal: bool = True, lengths=None, q_offset=None,
       "triton": FlashAttention-2 forward (Ampere and Hopper), every option above.
       "mosaic": FlashAttention-3-style forward for Hopper (Mosaic GPU: TMA producer, two wgmma
         consumer warpgroups), every option above; bfloat16/float16 and head_dim 64 or 128
-        only (else refused with the reason). Backward: the Triton kernels. Not yet validated
-        on a GPU, hence never the default.
+        only (else refused with the reason). Backward: Mosaic GPU dk/dv and dq kernels
+        (`bwd_config` configures only the Triton backward). Not yet validated on a GPU, hence
+        never the default.
     interpret: run the Pallas kernel in interpret mode (CPU; Mosaic GPU's interpreter for
       "mosaic").
     config: an `AttentionConfig` ("triton"; default: the tuned table of the device, else a

@@ -1,9 +1,11 @@
-"""The differentiable kernel paths: a forward kernel + FlashAttention-2 backward under custom_vjp.
+"""The differentiable kernel paths: a forward kernel + FlashAttention backward under custom_vjp.
 
-Two forwards share one backward: "triton" (`triton.py`) and "mosaic" (`mosaic.py`, Hopper);
-both return the output and the fp32 natural-log log-sum-exp [batch, q_len, num_heads] that
-`triton_bwd.backward` reads. The forward saves q, k, v, lengths, q_offset, the output and the
-lse; the backward is `triton_bwd.backward`. Nothing of the size
+Two forwards, "triton" (`triton.py`) and "mosaic" (`mosaic.py`, Hopper), both return the output
+and the fp32 natural-log log-sum-exp [batch, q_len, num_heads] that both backwards read. The
+forward saves q, k, v, lengths, q_offset, the output and the lse. The backward is
+`mosaic_bwd.backward` (Hopper, wgmma/TMA) after the Mosaic forward when it takes the call
+(decided statically: `mosaic_bwd.refuses`; tiles from `mosaic_bwd.heuristic`, `bwd_config`
+is the Triton backward's), else `triton_bwd.backward`. Nothing of the size
 [q_len, kv_len] is ever stored. Under `jax.checkpoint` the residuals follow the policy like
 any other values (with `nothing_saveable` the forward kernel runs again in the backward).
 `lengths` and `q_offset` are integer inputs: their cotangents are zero (None).
@@ -21,6 +23,7 @@ import jax.numpy as jnp
 from pallas_kernels.ops.attention import config as config_lib
 from pallas_kernels.ops.attention import config_bwd
 from pallas_kernels.ops.attention import mosaic as mosaic_fwd
+from pallas_kernels.ops.attention import mosaic_bwd
 from pallas_kernels.ops.attention import triton as triton_fwd
 from pallas_kernels.ops.attention import triton_bwd
 
@@ -55,10 +58,20 @@ def attention(q, k, v, *, causal: bool = True,
 
 def mosaic_attention(q, k, v, *, config: mosaic_fwd.MosaicAttentionConfig | None = None,
                      **kwargs):
-  """The "mosaic" implementation (Hopper forward, Triton backward). Arguments are checked by
-  `api.attention` and `mosaic.refuses`."""
+  """The "mosaic" implementation (Hopper forward and backward; the Triton backward for what
+  `mosaic_bwd` refuses). Arguments are checked by `api.attention` and `mosaic.refuses`."""
+  if kwargs.get("lengths") is not None:
+    k, v = _zero_past_lengths(k, v, kwargs["lengths"])
   return _differentiable("mosaic", config or mosaic_fwd.heuristic(q.shape[-1]), q, k, v,
                          **kwargs)
+
+
+def _zero_past_lengths(k, v, lengths):
+  """Keys and values past `lengths` set to 0. The Mosaic kernels mask scores, not loads: a
+  masked key still enters the wgmma with P = 0, and 0 x inf (stale or poisoned cache rows) is
+  NaN. One elementwise pass over K and V, small beside the kernel's O(q_len * kv_len) work."""
+  visible = jnp.arange(k.shape[1])[None, :, None, None] < lengths[:, None, None, None]
+  return jnp.where(visible, k, jnp.zeros_like(k)), jnp.where(visible, v, jnp.zeros_like(v))
 
 
 def _differentiable(forward: str, cfg, q, k, v, *, causal: bool = True, lengths=None,
@@ -103,6 +116,11 @@ def _attention_fwd(q, k, v, lengths, q_offset, static: _Static):
 
 def _attention_bwd(static: _Static, residuals, do):
   q, k, v, lengths, q_offset, o, lse = residuals
+  if static.forward == "mosaic" and mosaic_bwd.refuses(q) is None:
+    dq, dk, dv = mosaic_bwd.backward(q, k, v, lengths, q_offset, o, lse, do.astype(o.dtype),
+                                     cfg=mosaic_bwd.heuristic(q.shape[-1]),
+                                     **static.kernel_kwargs())
+    return dq, dk, dv, None, None
   dq, dk, dv = triton_bwd.backward(q, k, v, lengths, q_offset, o, lse, do.astype(o.dtype),
                                    cfg=static.bwd_cfg, **static.kernel_kwargs())
   return dq, dk, dv, None, None

@@ -1,4 +1,9 @@
-"""Audit rows: occupancy estimate, the thresholds that fail the audit, the table and JSON."""
+"""Audit rows: occupancy estimate, the thresholds that fail the audit, the tables and JSON.
+
+Two kinds of row: `Row` (a Triton kernel, compiled: registers, spills, occupancy) and
+`MosaicRow` (a Mosaic GPU kernel, lowered only: what its payload declares). Each has its own
+table; both fail the audit through `problems`.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +12,7 @@ import json
 from pathlib import Path
 
 from pallas_kernels.audit.compile import Resources
+from pallas_kernels.audit.mosaic import MosaicKernel
 from pallas_kernels.audit.targets import TARGETS, GpuTarget
 
 
@@ -162,8 +168,117 @@ def to_json(row: Row) -> dict:
   return d
 
 
-def write_json(path: str | Path, rows: list[Row], meta: dict) -> None:
-  payload = {**meta, "failed": failed(rows), "rows": [to_json(r) for r in rows]}
+def write_json(path: str | Path, rows: list[Row], meta: dict,
+               mosaic_rows: list[MosaicRow] = ()) -> None:
+  payload = {**meta, "failed": failed(rows) or failed(mosaic_rows),
+             "rows": [to_json(r) for r in rows],
+             "mosaic_rows": [mosaic_to_json(r) for r in mosaic_rows]}
   Path(path).write_text(json.dumps(payload, indent=1, default=str) + "\n")
+
+
+# ---- Mosaic GPU rows ----------------------------------------------------------------------------
+
+REGISTERS_OFFLINE = ("n/a offline: jaxlib compiles a Mosaic GPU payload to PTX and a cubin only "
+                     "in its CUDA plugin (on a GPU: MOSAIC_GPU_DUMP_PTXAS=1)")
+
+
+@dataclasses.dataclass
+class MosaicRow:
+  """One Mosaic GPU kernel of one case on one target: lowered, not compiled."""
+
+  op: str
+  case: str
+  kernel: str
+  target: str
+  payload: MosaicKernel | None = None
+  wgmma_expected: bool = False
+  lower_s: float | None = None    # lowering + reading the payload
+  not_applicable: str | None = None  # why no kernel: target unsupported, or none in a gradient
+  error: str | None = None
+  problems: list[str] = dataclasses.field(default_factory=list)
+
+  @property
+  def status(self) -> str:
+    if self.not_applicable:
+      return f"not applicable: {self.not_applicable}"
+    if self.error:
+      return "ERROR"
+    return "FAIL: " + "; ".join(self.problems) if self.problems else "ok"
+
+
+def check_mosaic(row: MosaicRow) -> list[str]:
+  """What fails a Mosaic row. Registers and spills are unknown offline and fail nothing."""
+  if row.error:
+    return [row.error]
+  k, target = row.payload, TARGETS[row.target]
+  if row.not_applicable or k is None:
+    return []
+  problems = []
+  if k.arch is not None and k.arch != divmod(target.compute_capability, 10):
+    problems.append(f"payload lowered for sm_{k.arch[0]}{k.arch[1]}, not {target.sm}")
+  if k.smem_bytes > target.max_shared_per_block:
+    problems.append(f"shared memory {_kb(k.smem_bytes)} > {_kb(target.max_shared_per_block)} "
+                    f"per block on {target.sm}")
+  if row.wgmma_expected and not k.wgmma:
+    problems.append(f"no wgmma in the payload (a {row.op} kernel should run its products on "
+                    f"tensor cores)")
+  return problems
+
+
+def finish_mosaic(row: MosaicRow) -> MosaicRow:
+  row.problems = check_mosaic(row)
+  return row
+
+
+def _dims(dims: tuple | None) -> str:
+  return "-" if dims is None else "x".join("?" if d is None else str(d) for d in dims)
+
+
+def _mosaic_cells(row: MosaicRow) -> list[str]:
+  k = row.payload
+  if k is None:
+    return [row.op, row.case, row.kernel, row.target] + ["-"] * 9 + [row.status]
+  return [row.op, row.case, row.kernel, row.target, _dims(k.grid), _dims(k.cluster),
+          f"{k.warpgroups} ({k.threads})" if k.threads else "?",
+          "/".join(map(str, k.max_registers)) or "-", "n/a offline", _kb(k.smem_bytes),
+          str(k.wgmma) if k.wgmma else "no", f"{k.tma_loads}/{k.tma_stores}", str(k.mbarrier),
+          row.status]
+
+
+MOSAIC_HEADER = ["op", "case", "kernel", "target", "grid", "cluster", "wgs (thr)", "setmaxnreg",
+                 "regs/spills", "smem", "wgmma", "TMA ld/st", "mbarrier", "status"]
+
+
+def mosaic_table(rows: list[MosaicRow]) -> str:
+  lines = [MOSAIC_HEADER] + [_mosaic_cells(row) for row in rows]
+  widths = [max(len(line[i]) for line in lines) for i in range(len(MOSAIC_HEADER) - 1)]
+
+  def fmt(line):
+    return "  ".join(c.ljust(w) for c, w in zip(line, widths)) + "  " + line[-1]
+  rule = "-" * (sum(widths) + 2 * len(widths) + 6)
+  return "\n".join([fmt(MOSAIC_HEADER), rule, *(fmt(line) for line in lines[1:])])
+
+
+def mosaic_footer() -> str:
+  return "\n".join([
+      'Mosaic GPU kernels (impl="mosaic"), lowered for CUDA, not compiled: figures from the',
+      "mosaic_gpu_v2 custom call's payload (NVVM-level MLIR). grid/cluster/threads and smem from",
+      "its gpu.launch (smem = dynamicSharedMemorySize: all of a Mosaic kernel's shared memory);",
+      "wgmma, TMA (cp.async.bulk.tensor loads/stores) and mbarrier = ops in the payload (static",
+      "counts); setmaxnreg = per-warpgroup register caps the kernel sets. regs/spills: n/a",
+      "offline: jaxlib compiles a Mosaic GPU payload to PTX and a cubin only in its CUDA plugin",
+      "(on a GPU: MOSAIC_GPU_DUMP_PTXAS=1). Hopper-only kernels get an sm80 row 'not applicable'.",
+  ])
+
+
+def mosaic_to_json(row: MosaicRow) -> dict:
+  d = {f.name: getattr(row, f.name) for f in dataclasses.fields(row) if f.name != "payload"}
+  k = row.payload
+  if k is not None:
+    d["payload"] = {f.name: getattr(k, f.name) for f in dataclasses.fields(k)
+                    if f.name != "bytecode"}
+    d["payload"].update(threads=k.threads, warpgroups=k.warpgroups)
+  d.update(registers=REGISTERS_OFFLINE, status=row.status)
+  return d
 
 

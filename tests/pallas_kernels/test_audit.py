@@ -1,5 +1,6 @@
 """The offline GPU audit: extraction, compilation, thresholds and exit status, on toy kernels
-defined here, then one real case per op folder present."""
+defined here, then one real case per op folder present, then the Mosaic GPU rows (on the real
+attention op's `impl="mosaic"`, the one Mosaic kernel in the tree)."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from jax.experimental import pallas as pl
 from pallas_kernels._core import compat
 from pallas_kernels._core.specs import Case
 from pallas_kernels.audit import __main__ as cli
-from pallas_kernels.audit import registry, report, run, ttir_compat
+from pallas_kernels.audit import mosaic, registry, report, run, ttir_compat
 from pallas_kernels.audit.compile import CompileJob, ParseError, Resources, compile_kernel
 from pallas_kernels.audit.targets import TARGETS
 
@@ -289,3 +290,113 @@ def test_real_op_case_lowers_and_compiles(folder):
     assert row.resources.registers > 0 and row.occupancy.warps_per_sm > 0
     if row.num_dots:
       assert row.tensor_cores.startswith("yes")
+
+
+# ---- Mosaic GPU rows ----------------------------------------------------------------------------
+
+_HAS_MOSAIC_ATTENTION = importlib.util.find_spec("pallas_kernels.ops.attention.mosaic") is not None
+needs_mosaic_attention = pytest.mark.skipif(not _HAS_MOSAIC_ATTENTION,
+                                            reason="pallas_kernels/ops/attention/mosaic.py absent")
+
+
+def test_implementations_are_read_from_each_public_op():
+  from pallas_kernels.ops.matmul import api as matmul_api
+  assert registry.implementations(matmul_api.matmul) == matmul_api._MATMUL_IMPLS
+  assert registry.implementations(matmul_api.gated_matmul) == matmul_api._GATED_IMPLS
+  assert registry.implementations(toy_matmul) == ()  # no dispatch: no Mosaic row
+  assert registry.mosaic_implementation(toy_matmul) is None
+
+
+@needs_mosaic_attention
+def test_mosaic_cases_are_the_cases_mosaic_accepts():
+  notes, errors = [], []
+  cases = registry.audit_cases("attention")
+  found = registry.mosaic_cases(cases, notes, errors)
+  assert found and errors == []
+  assert all(c.hopper_only and c.wgmma_expected and c.folder == "attention" for c in found)
+  heads = {c.case.abstract_inputs()[0].shape[-1] for c in found}
+  assert heads <= {64, 128}  # what attention.mosaic.refuses accepts
+  # Backward cases too, judged without their cotangent and lowered as grad_of(attention).
+  grads = {c.case.label: c.fn for c in found if c.case.array_kwargs == ("cotangent",)}
+  assert grads and all(fn is not registry.public_op("attention") for fn in grads.values())
+  [note] = notes  # head_dim 96 and 256 are refused, each with its reason
+  assert "refuses" in note and "got 96" in note and "got 256" in note
+
+
+@pytest.fixture(scope="module")
+def llama_mosaic_case():
+  cases = registry.mosaic_cases(registry.audit_cases("attention"))
+  [case] = [c for c in cases if c.case.abstract_inputs()[0].shape[-1] == 128][:1]
+  return case
+
+
+@pytest.fixture(scope="module")
+def llama_mosaic_rows(llama_mosaic_case):
+  return run.mosaic_audit([llama_mosaic_case], [SM80, SM90], progress=lambda msg: None)
+
+
+@needs_mosaic_attention
+def test_mosaic_rows_of_a_real_case(llama_mosaic_rows):
+  from pallas_kernels.ops.attention import mosaic as attention_mosaic
+  sm80, sm90 = llama_mosaic_rows
+  assert sm80.target == "sm80" and sm80.status == "not applicable: Hopper-only"
+  assert sm80.problems == [] and sm80.payload is None
+  assert sm90.status == "ok" and sm90.kernel == "attention_fwd_mosaic"
+  k = sm90.payload
+  assert k.arch == (9, 0) and k.warpgroups == 3 and k.cluster == (1, 1, 1)
+  assert k.wgmma > 0 and k.tma_loads > 0 and k.tma_stores > 0 and k.mbarrier > 0
+  assert k.max_registers == (232, 40)  # consumers up, producer down (setmaxnreg)
+  # The launch's SMEM is what attention.mosaic estimates (within alignment padding).
+  estimate = attention_mosaic.shared_memory_bytes(attention_mosaic.heuristic(128), 128,
+                                                  jnp.bfloat16)
+  assert k.smem_source == mosaic.SMEM_SOURCE and abs(k.smem_bytes - estimate) <= 1024
+  table = report.mosaic_table(llama_mosaic_rows)
+  assert "n/a offline" in table and "not applicable: Hopper-only" in table
+  assert not report.failed(llama_mosaic_rows)
+
+
+@needs_mosaic_attention
+def test_mosaic_thresholds(llama_mosaic_rows):
+  good = llama_mosaic_rows[1]
+
+  def row(wgmma_expected=True, **payload):
+    return report.finish_mosaic(report.MosaicRow(
+        "attention", "case", "k", "sm90", dataclasses.replace(good.payload, **payload),
+        wgmma_expected=wgmma_expected))
+  assert row().problems == []
+  assert "no wgmma in the payload" in row(wgmma=0).status
+  assert row(wgmma_expected=False, wgmma=0).problems == []   # e.g. a norm kernel
+  assert "shared memory 228 KB > 227 KB per block on sm_90" in row(smem_bytes=228 * 1024).status
+  assert "lowered for sm_100, not sm_90" in row(arch=(10, 0)).status
+  error = report.finish_mosaic(report.MosaicRow("op", "case", "-", "sm90", error="boom"))
+  assert error.status == "ERROR" and report.failed([error])
+
+
+@needs_mosaic_attention
+def test_exit_status_fails_on_a_mosaic_kernel_without_wgmma(monkeypatch, llama_mosaic_case,
+                                                           tmp_path, capsys):
+  # The real lowering, a payload reading that finds no wgmma: the row and the audit fail.
+  analyze = mosaic.analyze
+  monkeypatch.setattr(mosaic, "analyze", lambda b: dataclasses.replace(analyze(b), wgmma=0))
+  monkeypatch.setattr(registry, "audit_cases", lambda *a, **k: [])
+  monkeypatch.setattr(registry, "mosaic_cases", lambda *a, **k: [llama_mosaic_case])
+  out = tmp_path / "rows.json"
+  assert cli.main(["--target", "sm90", "--jobs", "1", "--json", str(out)]) == 1
+  [row] = json.loads(out.read_text())["mosaic_rows"]
+  assert row["payload"]["wgmma"] == 0 and row["status"].startswith("FAIL: no wgmma")
+  assert row["registers"].startswith("n/a offline")
+  captured = capsys.readouterr()
+  assert "attention_fwd_mosaic" in captured.out and "FAIL attention" in captured.err
+
+
+def test_a_mosaic_case_without_a_mosaic_kernel_fails():
+  # An implementation registered as "mosaic" whose lowering holds no mosaic_gpu_v2 call.
+  x = jnp.zeros((1024,), jnp.float32)
+  case = registry.MosaicCase("toy", Case(op="toy", label="triton inside", make_inputs=lambda k: (
+      x,), audit=True), toy_elementwise, hopper_only=True, wgmma_expected=False)
+  [row] = run.mosaic_audit([case], [SM90], progress=lambda msg: None)
+  assert row.status == "ERROR" and "no mosaic_gpu_v2 custom call" in row.problems[0]
+  # A gradient may legitimately have none (a dead Mosaic forward, a Triton backward).
+  [row] = run.mosaic_audit([dataclasses.replace(case, grad=True)], [SM90],
+                           progress=lambda msg: None)
+  assert row.problems == [] and row.status.startswith("not applicable: the gradient lowers")

@@ -13,7 +13,8 @@ jaxlib's MLIR and deserialized with the same pass, then read:
   (`llvm.mlir.global` in address space 3), which Mosaic does not emit today, would be added.
 - Tensor-core and async-copy instructions: `wgmma.mma_async` (emitted as inline PTX, so
   counted in `llvm.inline_asm` strings, or as `nvvm.wgmma.mma_async` ops), TMA
-  (`nvvm.cp.async.bulk.tensor.*`: loads into SMEM, stores from it), mbarrier operations
+  (`nvvm.cp.async.bulk.tensor.*` ops, or inline `cp.async.bulk.tensor` PTX as jax 0.12 emits
+  its loads: loads into SMEM, stores from it), mbarrier operations
   (`nvvm.mbarrier.*` ops and inline `mbarrier.*` PTX), and `setmaxnreg` register caps.
 - `mosaic_gpu.arch_major/minor` on the module: the architecture the payload was lowered for.
 
@@ -39,6 +40,9 @@ _WGMMA = re.compile(r"\bwgmma\.mma_async\b")
 _MBARRIER = re.compile(r"\bmbarrier\.")
 _SETMAXNREG = re.compile(r"\bsetmaxnreg\.(?:inc|dec)\.sync\.aligned\.u32\s+(\d+)")
 _TMA_OP = "nvvm.cp.async.bulk.tensor."
+# jax 0.12 emits TMA loads as inline PTX instead of the nvvm op (stores stay nvvm ops).
+_TMA_LOAD_ASM = re.compile(r"\bcp\.async\.bulk\.tensor\.\d+d\.shared::\w+\.global\b")
+_TMA_STORE_ASM = re.compile(r"\bcp\.async\.bulk\.tensor\.\d+d\.global\.shared::")
 _SHARED_ADDRESS_SPACE = 3
 _LLVM_ARRAY = re.compile(r"!llvm\.array<(\d+) x i(\d+)>")
 
@@ -158,6 +162,8 @@ def analyze(bytecode: bytes) -> MosaicKernel:
   launch = launches[0].opview
   counts["wgmma"] += sum(len(_WGMMA.findall(s)) for s in asm)
   counts["mbarrier"] += sum(len(_MBARRIER.findall(s)) for s in asm)
+  counts["tma_loads"] += sum(len(_TMA_LOAD_ASM.findall(s)) for s in asm)
+  counts["tma_stores"] += sum(len(_TMA_STORE_ASM.findall(s)) for s in asm)
   caps = tuple(int(m) for s in asm for m in _SETMAXNREG.findall(s))
   dynamic = _constant(launch.dynamicSharedMemorySize, default=0)
   if dynamic is None:

@@ -13,6 +13,7 @@ import contextlib
 import math
 
 import jax
+import jax.extend as jex
 import jax.numpy as jnp
 import numpy as np
 
@@ -112,3 +113,22 @@ def assert_heuristic_fits(config_module, target: device.Target, *, max_registers
       assert config_module.shared_memory_bytes(cfg, head_dim, dtype) <= \
           target.max_shared_memory_bytes, where
       assert config_module.accumulator_registers(cfg, head_dim) <= max_registers, where
+
+
+def kernel_names(closed_jaxpr) -> list[str]:
+  """Names of the Pallas kernels in a jaxpr, nested jaxprs (remat, custom_vjp, jit) included:
+  Triton `pallas_call`s and Mosaic GPU kernels (`plgpu.kernel` binds `mpmd_map` in jax 0.11)."""
+  names = []
+
+  def walk(jaxpr):
+    for eqn in jaxpr.eqns:
+      if eqn.primitive.name in ("pallas_call", "mpmd_map"):
+        names.append(str(eqn.params["name"]))
+      for param in eqn.params.values():
+        for sub in param if isinstance(param, (tuple, list)) else (param,):
+          if isinstance(sub, jex.core.ClosedJaxpr):
+            walk(sub.jaxpr)
+          elif isinstance(sub, jex.core.Jaxpr):
+            walk(sub)
+  walk(closed_jaxpr.jaxpr)
+  return names

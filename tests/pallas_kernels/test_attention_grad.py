@@ -11,7 +11,6 @@ wider sweep is marked slow.
 import functools
 
 import jax
-import jax.extend as jex
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -138,24 +137,6 @@ def _checkpointed_grad(mode, policy, do, **kwargs):
   return jax.grad(loss, argnums=(0, 1, 2))
 
 
-def _pallas_calls(closed_jaxpr) -> list[str]:
-  """Names of the pallas_calls in a jaxpr, nested jaxprs (remat, custom_vjp, jit) included."""
-  names = []
-
-  def walk(jaxpr):
-    for eqn in jaxpr.eqns:
-      if eqn.primitive.name == "pallas_call":
-        names.append(str(eqn.params["name"]))
-      for param in eqn.params.values():
-        for sub in param if isinstance(param, (tuple, list)) else (param,):
-          if isinstance(sub, jex.core.ClosedJaxpr):
-            walk(sub.jaxpr)
-          elif isinstance(sub, jex.core.Jaxpr):
-            walk(sub)
-  walk(closed_jaxpr.jaxpr)
-  return names
-
-
 @pytest.mark.parametrize("policy", [
     "nothing_saveable", pytest.param("dots_saveable", marks=pytest.mark.slow)])
 def test_grad_under_checkpoint(kernel_mode, policy):
@@ -164,10 +145,10 @@ def test_grad_under_checkpoint(kernel_mode, policy):
                         head_dim=64, dtype=jnp.float32)
   grad = _checkpointed_grad(kernel_mode, policy, do)
   # Remat really recomputes: the forward kernel runs again in the backward pass.
-  plain = _pallas_calls(jax.make_jaxpr(_checkpointed_grad(kernel_mode, None, do))(q, k, v))
+  plain = testing.kernel_names(jax.make_jaxpr(_checkpointed_grad(kernel_mode, None, do))(q, k, v))
   assert plain == ["attention_fwd", "attention_bwd_preprocess", "attention_bwd_dkdv",
                    "attention_bwd_dq"]
-  remat = _pallas_calls(jax.make_jaxpr(grad)(q, k, v))
+  remat = testing.kernel_names(jax.make_jaxpr(grad)(q, k, v))
   assert sorted(remat) == sorted(plain + ["attention_fwd"])
   _assert_grads_close(jax.jit(grad)(q, k, v), q, k, v, do)
 

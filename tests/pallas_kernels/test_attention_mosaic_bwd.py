@@ -15,7 +15,6 @@ import functools
 import re
 
 import jax
-import jax.extend as jex
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -144,24 +143,6 @@ def test_value_and_grad_of_vmap_under_jit():
 
 # ---- the Mosaic backward is what runs.
 
-def _pallas_calls(closed_jaxpr) -> list[str]:
-  """Names of the kernels in a jaxpr, nested jaxprs (custom_vjp, jit, remat) included: Triton
-  pallas_calls and Mosaic GPU kernels (`plgpu.kernel` binds `mpmd_map` in jax 0.11.2)."""
-  names = []
-
-  def walk(jaxpr):
-    for eqn in jaxpr.eqns:
-      if eqn.primitive.name in ("pallas_call", "mpmd_map"):
-        names.append(str(eqn.params["name"]))
-      for param in eqn.params.values():
-        for sub in param if isinstance(param, (tuple, list)) else (param,):
-          if isinstance(sub, jex.core.ClosedJaxpr):
-            walk(sub.jaxpr)
-          elif isinstance(sub, jex.core.Jaxpr):
-            walk(sub)
-  walk(closed_jaxpr.jaxpr)
-  return names
-
 
 def _grad_fn(impl, **kwargs):
   def loss(q, k, v, do):
@@ -175,11 +156,11 @@ def _grad_fn(impl, **kwargs):
 def test_grad_runs_the_mosaic_backward_not_triton(kwargs):
   args = _inputs(23, batch=1, q_len=24, kv_len=40, num_heads=4, num_kv_heads=2, head_dim=64,
                  dtype=jnp.bfloat16)
-  calls = _pallas_calls(jax.make_jaxpr(_grad_fn("mosaic", **kwargs))(*args))
+  calls = testing.kernel_names(jax.make_jaxpr(_grad_fn("mosaic", **kwargs))(*args))
   assert calls == ["attention_fwd_mosaic", "attention_bwd_dkdv_mosaic",
                    "attention_bwd_dq_mosaic"], calls
   # The Triton path, for contrast: its three backward kernels.
-  calls = _pallas_calls(jax.make_jaxpr(_grad_fn("triton", **kwargs))(*args))
+  calls = testing.kernel_names(jax.make_jaxpr(_grad_fn("triton", **kwargs))(*args))
   assert calls == ["attention_fwd", "attention_bwd_preprocess", "attention_bwd_dkdv",
                    "attention_bwd_dq"], calls
 

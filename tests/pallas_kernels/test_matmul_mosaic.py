@@ -23,6 +23,7 @@ from pallas_kernels import testing
 from pallas_kernels._core import device, dispatch
 from pallas_kernels.ops.matmul import MatmulConfig, api, gated_matmul, matmul, mosaic, reference
 from pallas_kernels.ops.matmul import specs
+from tests.pallas_kernels.test_matmul import _inputs as forward_inputs
 
 # 64-wide tiles, 2 stages: K = 192 is three K steps through a two-slot ring; 3 persistent
 # programs, so a program runs several tiles (the ring and the staging tiles carry over).
@@ -37,18 +38,9 @@ MODES = [pytest.param(True, id="interpret"),
                                                  reason="needs a Hopper GPU")])]
 
 
-def _inputs(seed, lead, k, n, dtype=jnp.bfloat16, *, bias=False, residual=False, gated=False):
-  """x [*lead, k], w [k, n] scaled to unit-variance outputs, optional bias / residual / w_up."""
-  kx, kw, ku, kb, kr = testing.keys(seed, 5)
-  out = {"x": testing.random_normal(kx, (*lead, k), dtype),
-         "w": testing.random_normal(kw, (k, n), dtype, scale=k ** -0.5)}
-  if gated:
-    out["w_up"] = testing.random_normal(ku, (k, n), dtype, scale=k ** -0.5)
-  if bias:
-    out["bias"] = testing.random_normal(kb, (n,), dtype, scale=0.5)
-  if residual:
-    out["residual"] = testing.random_normal(kr, (*lead, n), dtype)
-  return out
+def _inputs(seed, lead, k, n, dtype=jnp.bfloat16, **kwargs):
+  """The forward tests' inputs (bf16 unless told): x, w, optional bias / residual / w_up."""
+  return forward_inputs(seed, lead, k, n, dtype, **kwargs)
 
 
 def _check_matmul(a, *, activation=None, out_dtype=None, config=SMALL, interpret=True):

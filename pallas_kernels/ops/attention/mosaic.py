@@ -319,6 +319,11 @@ def _visible(s: _Shape, pos0, key0, length):
   shape = (BLOCK_Q, s.block_kv)
   pos = pos0 + plgpu.broadcasted_iota(jnp.int32, shape, 0, layout=plgpu.Layout.WGMMA)
   key = key0 + plgpu.broadcasted_iota(jnp.int32, shape, 1, layout=plgpu.Layout.WGMMA)
+  return visible_keys(s, key, pos, length)
+
+
+def visible_keys(s: _Shape, key, pos, length):
+  """The mask rule, elementwise: key < length, and causal (with the window) against pos."""
   visible = key < length
   if s.causal:
     visible = visible & (key <= pos)

@@ -290,12 +290,7 @@ def _visible_t(s: mosaic._Shape, key0, pos0, length, block_q: int):
   shape = (BLOCK_KV, block_q)
   key = key0 + plgpu.broadcasted_iota(jnp.int32, shape, 0, layout=plgpu.Layout.WGMMA)
   pos = pos0 + plgpu.broadcasted_iota(jnp.int32, shape, 1, layout=plgpu.Layout.WGMMA)
-  visible = key < length
-  if s.causal:
-    visible = visible & (key <= pos)
-    if s.window is not None:
-      visible = visible & (key > pos - s.window)
-  return visible
+  return mosaic.visible_keys(s, key, pos, length)
 
 
 # ---- dq.

@@ -23,6 +23,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 from pallas_kernels import testing
 from pallas_kernels._core import device
 from pallas_kernels.ops.attention import attention, mosaic, mosaic_bwd, reference
+from tests.pallas_kernels.test_attention_grad import _inputs
 
 FWD = mosaic.MosaicAttentionConfig(block_kv=64, num_stages=2)
 DTYPES = {"bf16": jnp.bfloat16, "fp16": jnp.float16}
@@ -31,15 +32,6 @@ MODES = [pytest.param(True, id="interpret"),
          pytest.param(False, id="gpu", marks=[
              pytest.mark.gpu, pytest.mark.skipif(not device.current_target().is_hopper,
                                                  reason="needs a Hopper GPU")])]
-
-
-def _inputs(seed, *, batch, q_len, kv_len, num_heads, num_kv_heads, head_dim, dtype):
-  """q, k, v and a random cotangent for the output."""
-  kq, kk, kv, kd = testing.keys(seed, 4)
-  return (testing.random_normal(kq, (batch, q_len, num_heads, head_dim), dtype),
-          testing.random_normal(kk, (batch, kv_len, num_kv_heads, head_dim), dtype),
-          testing.random_normal(kv, (batch, kv_len, num_kv_heads, head_dim), dtype),
-          testing.random_normal(kd, (batch, q_len, num_heads, head_dim), dtype))
 
 
 def _reference_vjp(q, k, v, do, **kwargs):

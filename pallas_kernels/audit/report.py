@@ -74,9 +74,13 @@ class Row:
 
   @property
   def status(self) -> str:
-    if self.error:
-      return "ERROR"
-    return "FAIL: " + "; ".join(self.problems) if self.problems else "ok"
+    return _status(self.error, self.problems)
+
+
+def _status(error: str | None, problems: list[str]) -> str:
+  if error:
+    return "ERROR"
+  return "FAIL: " + "; ".join(problems) if problems else "ok"
 
 
 def check(row: Row) -> list[str]:
@@ -201,9 +205,7 @@ class MosaicRow:
   def status(self) -> str:
     if self.not_applicable:
       return f"not applicable: {self.not_applicable}"
-    if self.error:
-      return "ERROR"
-    return "FAIL: " + "; ".join(self.problems) if self.problems else "ok"
+    return _status(self.error, self.problems)
 
 
 def check_mosaic(row: MosaicRow) -> list[str]:

@@ -58,6 +58,11 @@ def test_warmup_then_workload_compiles_nothing(llm, backend_compiles):
 def test_warmup_for_compiles_exactly_what_generate_runs(llm, backend_compiles):
   prompts = ["a" * 40] * 3 + ["b"] * 2  # max_batch_size 4: a batch of 4 and a batch of 1
   params = SamplingParams(max_tokens=5, temperature=0)
+  assert_warmup_for_covers_generate(llm, prompts, params)
+
+
+def assert_warmup_for_covers_generate(llm, prompts, params):
+  """After warmup_for, generate traces nothing new, and a second warmup_for compiles nothing."""
   llm.warmup_for(prompts, params)
   traced = sum(steps.TRACE_COUNTS.values())
   llm.generate(prompts, params)

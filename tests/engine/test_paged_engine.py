@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 from engine import LLM, SamplingParams, steps
 from engine.buckets import PagedBuckets, bucket
 from tests.engine.conftest import MAX_BATCH, MAX_SEQ
+from tests.engine.test_compile import assert_warmup_for_covers_generate
 
 GREEDY = SamplingParams(max_tokens=20, temperature=0, ignore_eos=True)
 SMALL = dict(max_batch_size=MAX_BATCH, max_seq_len=MAX_SEQ, decode_steps=4, page_size=4,
@@ -228,11 +229,7 @@ def test_compilations_bounded_over_many_prompt_lengths(tight):
 def test_warmup_for_compiles_what_generate_runs(uncached):
   prompts = ["a" * 40] * 3 + ["b"] * 2
   params = SamplingParams(max_tokens=5, temperature=0)
-  uncached.warmup_for(prompts, params)
-  traced = sum(steps.TRACE_COUNTS.values())
-  uncached.generate(prompts, params)
-  assert sum(steps.TRACE_COUNTS.values()) == traced
-  assert uncached.warmup_for(prompts, params) == 0
+  assert_warmup_for_covers_generate(uncached, prompts, params)
 
 
 _ALIAS = re.compile(r"\{(\d+)\}: \((\d+), \{\}, (?:may|must)-alias\)")
